@@ -1,0 +1,291 @@
+"""Configuration: pydantic models, loaded from ``configs/default.yaml``, then ``--config FILE``, then ``--set``.
+
+Layers are merged key by key (later wins). Validation is strict: an unknown key or a wrong type is one
+:class:`~pipeline.errors.ConfigError` naming the dotted key and the layer (file or ``--set``) it came from.
+The resolved config is saved into every run (``run.json``) and is part of each stage's fingerprint.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ConfigError
+
+__all__ = [
+    "PROJECT_ROOT",
+    "DEFAULT_CONFIG",
+    "EnvConfig",
+    "Sam3Config",
+    "Sam3dConfig",
+    "SegmentConfig",
+    "ReconstructConfig",
+    "VLMConfig",
+    "AgentConfig",
+    "RunConfig",
+    "PipelineConfig",
+    "load_config",
+    "parse_set_flags",
+]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
+STAGE_NAMES = ("segment", "reconstruct")
+Frame = Literal["pytorch3d", "opencv", "opengl"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EnvConfig(_Section):
+    """Where a stage's interpreter lives.
+
+    ``kind``: ``conda`` (by ``name`` or ``prefix``), ``venv`` (``prefix`` is the venv directory) or ``current``
+    (the driver's own interpreter; for tests and single-env installs). ``spec`` is the env file under ``envs/``
+    that ``python -m pipeline envs create`` builds it from. ``variables`` are added to the child's environment:
+    declare here what a conda activation script would have set (``CUDA_HOME``, ``CC``, …), because the driver
+    runs ``<prefix>/bin/python`` directly and activation scripts do not run.
+    """
+
+    kind: Literal["conda", "venv", "current"] = "conda"
+    name: str | None = None
+    prefix: Path | None = None
+    spec: str | None = None
+    variables: dict[str, str] = Field(default_factory=dict)
+
+
+class Sam3Config(_Section):
+    """Meta SAM3 image model: weights, precision, compilation."""
+
+    checkpoint: str = "facebook/sam3"  # a Hugging Face repo id or a local .pt path
+    revision: str | None = None
+    bpe_path: Path | None = None  # default: found in the env (open_clip's copy of the CLIP BPE vocab)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    compile: bool = False
+    redownload: bool = False
+    random_weights: bool = False  # benchmarks/tests only: build without loading any checkpoint
+
+
+class Sam3dConfig(_Section):
+    """Meta SAM 3D Objects inference pipeline knobs (see docs/reconstruct.md)."""
+
+    checkpoint_dir: Path = Path("checkpoints/sam-3d-objects")
+    stage1_steps: int = Field(25, ge=1)
+    stage2_steps: int = Field(25, ge=1)
+    decode_formats: list[Literal["gaussian", "gaussian_4", "mesh"]] = Field(
+        default_factory=lambda: ["gaussian", "mesh"]
+    )
+    mesh_postprocess: bool = False
+    texture_baking: bool = False
+    layout_postprocess: bool = False
+    export_obj: bool = False
+    compile: bool = False
+    random_weights: bool = False  # benchmarks/tests only
+
+
+class SegmentConfig(_Section):
+    """The 2D stage: text phrases → one mask per object."""
+
+    env: str = "sam3"
+    backend: str = "sam3"  # a built-in name or "package.module:Class"
+    options: dict[str, Any] = Field(default_factory=dict)  # free-form, for plug-in backends
+    variables: dict[str, str] = Field(default_factory=dict)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    min_area_px: int = Field(64, ge=0)
+    dedup_iou: float = Field(0.7, gt=0.0, le=1.0)
+    max_objects: int = Field(20, ge=1)
+    sam3: Sam3Config = Field(default_factory=Sam3Config)
+
+
+class ReconstructConfig(_Section):
+    """The 3D stage: image + masks → per-object Gaussians, meshes, poses and a composed scene."""
+
+    env: str = "sam3d-objects"
+    backend: str = "sam3d"
+    options: dict[str, Any] = Field(default_factory=dict)
+    variables: dict[str, str] = Field(default_factory=dict)
+    device: str = "auto"
+    seed: int = 42  # object i gets seed + i
+    frame: Frame = "opencv"  # frame of scene.ply / scene.glb
+    preview: bool = True
+    sam3d: Sam3dConfig = Field(default_factory=Sam3dConfig)
+
+
+class VLMConfig(_Section):
+    """The vision-language model: a managed ``vllm serve`` in the ``vllm`` env, or an external endpoint."""
+
+    url: str | None = None  # external OpenAI-compatible base URL (…/v1); None = managed server
+    api_key_env: str | None = None  # name of the environment variable holding the API key
+    env: str = "vllm"
+    model: str = "Qwen/Qwen3-VL-8B-Thinking"  # repo id or local directory
+    served_name: str = "qwen3-vl-8b-thinking"
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=1, le=65535)
+    max_model_len: int = 32768
+    gpu_memory_utilization: float = Field(0.45, gt=0.0, le=1.0)
+    limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 4, "video": 0})
+    reasoning_parser: str | None = "qwen3"
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpus: str | None = None  # CUDA_VISIBLE_DEVICES for the server
+    extra_args: list[str] = Field(default_factory=list)
+    variables: dict[str, str] = Field(default_factory=dict)
+    ready_timeout_s: float = Field(900.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+    image_max_side: int = Field(1280, ge=64)
+    max_tokens: int = Field(8192, ge=16)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    retries: int = Field(2, ge=0)
+
+
+class AgentConfig(_Section):
+    """The agent loop: VLM proposes phrases, SAM3 segments, VLM keeps or re-proposes."""
+
+    max_rounds: int = Field(3, ge=1)
+    max_phrases: int = Field(6, ge=1)
+
+
+class RunConfig(_Section):
+    """Where runs go."""
+
+    out_root: Path = Path("outputs")
+
+
+class PipelineConfig(_Section):
+    """The whole resolved configuration."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    envs: dict[str, EnvConfig] = Field(
+        default_factory=lambda: {
+            "vllm": EnvConfig(name="vllm", spec="vllm.yml"),
+            "sam3": EnvConfig(name="sam3", spec="sam3.yml"),
+            "sam3d-objects": EnvConfig(name="sam3d-objects", spec="sam3d-objects.yml"),
+        }
+    )
+    segment: SegmentConfig = Field(default_factory=SegmentConfig)
+    reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
+    vlm: VLMConfig = Field(default_factory=VLMConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+
+    def stage(self, name: str) -> SegmentConfig | ReconstructConfig:
+        """The config section of stage ``name`` (``segment`` or ``reconstruct``)."""
+        if name not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(STAGE_NAMES)}")
+        return getattr(self, name)
+
+    def env_for(self, name: str) -> EnvConfig:
+        """The env named ``name``, or a ConfigError listing the declared envs."""
+        try:
+            return self.envs[name]
+        except KeyError:
+            raise ConfigError(
+                f"env {name!r} is not declared under 'envs' (declared: {', '.join(sorted(self.envs))})",
+                hint=f"add envs.{name} to your config or point the stage at a declared env",
+            ) from None
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def parse_set_flags(flags: Sequence[str]) -> dict[str, Any]:
+    """``["segment.threshold=0.3", "vlm.extra_args=[--foo]"]`` → nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for flag in flags:
+        key, sep, raw = flag.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.split(".")):
+            raise ConfigError(
+                f"--set {flag!r} is not of the form section.key=value",
+                hint="for example --set segment.threshold=0.3",
+            )
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {flag!r} conflicts with another --set of {part!r}")
+        node[parts[-1]] = value
+    return tree
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", hint="check the --config path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], layer: Mapping[str, Any], origin: str, origins: dict[str, str], prefix: str = "") -> None:
+    """Deep-merge ``layer`` into ``base`` in place, recording for each dotted key the layer it came from."""
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value, origin, origins, dotted + ".")
+        else:
+            base[key] = copy.deepcopy(value)
+        origins[dotted] = origin
+
+
+def _origin_of(loc: Sequence[Any], origins: Mapping[str, str]) -> str:
+    parts = [str(p) for p in loc]
+    for n in range(len(parts), 0, -1):
+        dotted = ".".join(parts[:n])
+        if dotted in origins:
+            return origins[dotted]
+    return "the defaults"
+
+
+def _config_error(exc: ValidationError, origins: Mapping[str, str]) -> ConfigError:
+    first = exc.errors()[0]
+    loc = list(first["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    origin = _origin_of(loc, origins)
+    if first["type"] == "extra_forbidden":
+        message = f"unknown config key '{dotted}' in {origin}"
+        hint = "see the config reference in README.md for the valid keys"
+    else:
+        message = f"config key '{dotted}' in {origin}: {first['msg']} (got {first.get('input')!r})"
+        hint = "fix the value; README.md lists each key's type and default"
+    more = len(exc.errors()) - 1
+    if more:
+        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return ConfigError(message, hint=hint)
+
+
+def load_config(
+    config_file: Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    default_file: Path | None = DEFAULT_CONFIG,
+) -> PipelineConfig:
+    """Merge the default file, an optional user file and ``--set`` flags, then validate strictly."""
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if default_file is not None and default_file.exists():
+        _merge(merged, _read_yaml(default_file), str(default_file), origins)
+    if config_file is not None:
+        _merge(merged, _read_yaml(Path(config_file)), str(config_file), origins)
+    if overrides:
+        _merge(merged, parse_set_flags(overrides), "--set", origins)
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise _config_error(exc, origins) from None

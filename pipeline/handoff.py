@@ -1,0 +1,229 @@
+"""The run-directory contract: pydantic models of every manifest, with a schema version.
+
+Layout of one run directory (see docs/handoff.md)::
+
+    <run>/run.json              RunRecord: config snapshot, inputs, versions, per-stage status, fingerprints, timings
+    <run>/input/image.png       the input image, EXIF orientation applied once, RGB
+    <run>/agent/                transcript.json and overlay PNGs (only when the VLM is used)
+    <run>/masks/NNN.png         one 8-bit mask per object, 0/255, same H×W as input/image.png
+    <run>/masks/manifest.json   MaskManifest (written last)
+    <run>/objects/NNN/          gaussians.ply, mesh.glb, pose.json
+    <run>/objects/manifest.json ObjectsManifest (written last)
+    <run>/scene/                scene.ply, scene.glb (+ preview when a renderer is available)
+    <run>/logs/<stage>.log      full output of each stage worker
+
+All paths inside manifests are relative to the run directory and use ``/``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.atomic import sha256_file, write_json_atomic
+from pipeline.errors import ManifestError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "RUN_RECORD",
+    "INPUT_IMAGE",
+    "MASKS_DIR",
+    "OBJECTS_DIR",
+    "SCENE_DIR",
+    "AGENT_DIR",
+    "LOGS_DIR",
+    "MANIFEST_NAME",
+    "FileRecord",
+    "MaskObject",
+    "MaskManifest",
+    "Pose",
+    "ObjectRecord",
+    "ObjectsManifest",
+    "StageRecord",
+    "RunRecord",
+    "file_record",
+    "load_manifest",
+    "write_manifest",
+    "now_iso",
+]
+
+SCHEMA_VERSION = 1
+RUN_RECORD = "run.json"
+INPUT_IMAGE = "input/image.png"
+MASKS_DIR = "masks"
+OBJECTS_DIR = "objects"
+SCENE_DIR = "scene"
+AGENT_DIR = "agent"
+LOGS_DIR = "logs"
+MANIFEST_NAME = "manifest.json"
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileRecord(_Model):
+    """A file of the run: path relative to the run directory, sha256 of its content, size in bytes."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+def file_record(run_dir: Path, path: Path) -> FileRecord:
+    """Hash ``path`` (inside ``run_dir``) into a FileRecord."""
+    path = Path(path)
+    return FileRecord(
+        path=path.relative_to(run_dir).as_posix(), sha256=sha256_file(path), size=path.stat().st_size
+    )
+
+
+class MaskObject(_Model):
+    """One segmented object.
+
+    ``bbox_xyxy`` is in input-image pixels (x right, y down, exclusive max); ``area`` in pixels;
+    ``phrases`` lists every noun phrase that produced this mask (after cross-phrase de-duplication),
+    the first being the one whose score was kept; ``decision`` is the VLM's reason when the agent kept it.
+    """
+
+    id: int
+    label: str
+    phrases: list[str]
+    score: float
+    bbox_xyxy: tuple[float, float, float, float]
+    area: int
+    file: str
+    sha256: str
+    decision: str | None = None
+
+
+class MaskManifest(_Model):
+    """``masks/manifest.json``: the segmentation stage's result. An empty ``objects`` list is a valid result
+    and then ``reason`` says why (e.g. "no object matches")."""
+
+    schema_version: int = SCHEMA_VERSION
+    stage: Literal["segment"] = "segment"
+    fingerprint: str
+    image: FileRecord
+    width: int
+    height: int
+    mode: Literal["prompt", "query", "import"]
+    query: str | None = None
+    prompts: list[str] = Field(default_factory=list)
+    backend: str
+    objects: list[MaskObject]
+    reason: str | None = None
+    created: str = Field(default_factory=now_iso)
+
+
+class Pose(_Model):
+    """Object pose: ``p_frame = scale · R(quat_wxyz)ᵀ · p_local + translation`` (column vectors).
+
+    ``p_local`` is in the canonical object frame (z-up, inside [-0.5, 0.5]³). ``frame`` names the frame of the
+    result (``pytorch3d_camera``: x left, y up, z forward, camera at the origin); ``units`` are the pointmap's
+    (metric only when the depth was).
+    """
+
+    quat_wxyz: tuple[float, float, float, float]
+    translation: tuple[float, float, float]
+    scale: tuple[float, float, float]
+    frame: str = "pytorch3d_camera"
+    units: str = "pointmap"
+
+
+class ObjectRecord(_Model):
+    """One reconstructed object: its mask id, the seed used, its files and its pose."""
+
+    id: int
+    mask_id: int
+    label: str
+    seed: int
+    pose: Pose
+    files: list[FileRecord]
+
+
+class ObjectsManifest(_Model):
+    """``objects/manifest.json``: the reconstruction stage's result, including the composed scene files."""
+
+    schema_version: int = SCHEMA_VERSION
+    stage: Literal["reconstruct"] = "reconstruct"
+    fingerprint: str
+    masks_manifest_sha256: str
+    backend: str
+    frame: str
+    objects: list[ObjectRecord]
+    scene: list[FileRecord]
+    notes: list[str] = Field(default_factory=list)
+    created: str = Field(default_factory=now_iso)
+
+
+StageStatus = Literal["pending", "running", "succeeded", "skipped", "failed"]
+
+
+class StageRecord(_Model):
+    """Per-stage status inside ``run.json``."""
+
+    status: StageStatus = "pending"
+    fingerprint: str | None = None
+    reason: str | None = None
+    started: str | None = None
+    ended: str | None = None
+    duration_s: float | None = None
+    log: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class RunRecord(_Model):
+    """``run.json``: what was asked, with which config and software, and how each stage went."""
+
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    created: str = Field(default_factory=now_iso)
+    updated: str = Field(default_factory=now_iso)
+    image: FileRecord | None = None
+    source_image: str | None = None
+    query: str | None = None
+    prompts: list[str] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    stages: dict[str, StageRecord] = Field(default_factory=dict)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_manifest(path: Path, model: type[M]) -> M:
+    """Read and validate a manifest; unknown schema versions and corrupt files raise ManifestError."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(path, "does not exist") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(path, f"unreadable ({exc})", hint="delete it and rerun the stage") from None
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            path,
+            f"schema_version {version!r} is not supported (this tool reads {SCHEMA_VERSION})",
+            hint="rerun the stage with this version of the tool (--force STAGE)",
+        )
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ManifestError(path, f"invalid at '{where}': {first['msg']}", hint="rerun the stage") from None
+
+
+def write_manifest(path: Path, manifest: BaseModel) -> Path:
+    """Validate and write a manifest atomically. Call this only after every listed file is in place."""
+    return write_json_atomic(path, manifest.model_dump(mode="json"))

@@ -1,0 +1,177 @@
+"""Segmentation stage worker: image + phrases (or a query through the VLM agent) → masks + manifest.
+
+Run by the driver as ``<sam3 env python> -u -m pipeline.stages.segment --config <run>/config.json``
+(see :mod:`pipeline.stages.protocol`). Job params:
+
+    {"mode": "prompt", "prompts": ["horse", "rider"]}
+    {"mode": "query", "query": "the two horses on the left", "vlm_url": "http://127.0.0.1:8001/v1"}
+
+Reads ``<run>/input/image.png``; writes ``<run>/masks/NNN.png`` (0/255, input H×W) and, last,
+``<run>/masks/manifest.json``; in query mode also ``<run>/agent/`` (transcript + overlays). Outputs are
+built in ``<name>.partial`` directories and renamed into place, so a killed worker leaves no manifest.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from pipeline.atomic import replace_dir, sha256_file
+from pipeline.backends import load_backend_class
+from pipeline.backends.base import Segmenter
+from pipeline.config import PipelineConfig
+from pipeline.errors import InputError
+from pipeline.handoff import (
+    AGENT_DIR,
+    INPUT_IMAGE,
+    MANIFEST_NAME,
+    MASKS_DIR,
+    MaskManifest,
+    MaskObject,
+    file_record,
+    write_manifest,
+)
+from pipeline.images import write_mask
+from pipeline.postprocess import Candidate, select_objects
+from pipeline.stages.protocol import Job, Reporter, worker_main
+
+__all__ = ["SegmentWorker", "write_masks"]
+
+NO_MATCH = "no object matches"
+
+
+def _fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def write_masks(
+    run_dir: Path,
+    candidates: list[Candidate],
+    *,
+    fingerprint: str,
+    mode: str,
+    backend: str,
+    query: str | None = None,
+    prompts: list[str] | None = None,
+    reason: str | None = None,
+) -> MaskManifest:
+    """Write ``masks/NNN.png`` for each candidate through a staging dir, then the manifest, last."""
+    image_path = run_dir / INPUT_IMAGE
+    with Image.open(image_path) as img:
+        width, height = img.size
+    staging = _fresh_dir(run_dir / f"{MASKS_DIR}.partial")
+    objects = []
+    for i, cand in enumerate(candidates):
+        name = f"{i:03d}.png"
+        write_mask(staging / name, cand.mask)
+        objects.append(
+            MaskObject(
+                id=i,
+                label=cand.label,
+                phrases=list(cand.phrases),
+                score=round(cand.score, 6),
+                bbox_xyxy=cand.box_xyxy,
+                area=cand.area,
+                file=f"{MASKS_DIR}/{name}",
+                sha256=sha256_file(staging / name),
+                decision=cand.decision,
+            )
+        )
+    final = run_dir / MASKS_DIR
+    replace_dir(staging, final)
+    manifest = MaskManifest(
+        fingerprint=fingerprint,
+        image=file_record(run_dir, image_path),
+        width=width,
+        height=height,
+        mode=mode,  # type: ignore[arg-type]
+        query=query,
+        prompts=list(prompts or []),
+        backend=backend,
+        objects=objects,
+        reason=reason if reason else (NO_MATCH if not objects else None),
+    )
+    write_manifest(final / MANIFEST_NAME, manifest)
+    return manifest
+
+
+class SegmentWorker:
+    """Holds one segmentation backend (model loaded once) and serves segmentation jobs."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        cls = load_backend_class("segment", config.segment.backend)
+        if not (isinstance(cls, type) and issubclass(cls, Segmenter)):
+            raise InputError(f"segment backend {config.segment.backend!r} is not a Segmenter subclass")
+        self.segmenter: Segmenter = cls(config.segment)
+
+    def run(self, job: Job, reporter: Reporter) -> dict[str, Any]:
+        """Segment one run's input image; returns ``{"objects": N, "timings": {...}}``."""
+        run_dir = Path(job.run_dir)
+        image_path = run_dir / INPUT_IMAGE
+        if not image_path.exists():
+            raise InputError(f"{image_path} is missing", hint="rerun the whole pipeline so the input is copied")
+        seg = self.config.segment
+        timings: dict[str, float] = {}
+        with Image.open(image_path) as img:
+            image = img.convert("RGB")
+        t0 = time.perf_counter()
+        self.segmenter.set_image(image)
+        timings["set_image_s"] = time.perf_counter() - t0
+        mode = job.params.get("mode", "prompt")
+        reason = None
+        if mode == "prompt":
+            prompts = list(job.params["prompts"])
+            reporter.progress(job.id, 0, 1, f"segmenting {len(prompts)} phrase(s)")
+            t0 = time.perf_counter()
+            detections = self.segmenter.predict(prompts)
+            timings["predict_s"] = time.perf_counter() - t0
+            candidates = select_objects(
+                detections,
+                threshold=seg.threshold,
+                min_area_px=seg.min_area_px,
+                dedup_iou=seg.dedup_iou,
+                max_objects=seg.max_objects,
+            )
+            query = None
+        else:
+            from pipeline.vlm.agent import run_agent  # the agent needs openai: only imported in query mode
+
+            query = job.params["query"]
+            staging = _fresh_dir(run_dir / f"{AGENT_DIR}.partial")
+            t0 = time.perf_counter()
+            outcome = run_agent(
+                self.segmenter,
+                image,
+                query,
+                config=self.config,
+                vlm_url=job.params["vlm_url"],
+                out_dir=staging,
+                progress=lambda done, total, msg: reporter.progress(job.id, done, total, msg),
+            )
+            timings["agent_s"] = time.perf_counter() - t0
+            replace_dir(staging, run_dir / AGENT_DIR)
+            candidates, reason, prompts = outcome.candidates, outcome.reason, outcome.phrases
+        manifest = write_masks(
+            run_dir,
+            candidates,
+            fingerprint=job.fingerprint,
+            mode=mode,
+            backend=seg.backend,
+            query=query,
+            prompts=prompts,
+            reason=reason,
+        )
+        reporter.progress(job.id, 1, 1, f"{len(manifest.objects)} object(s)")
+        return {"objects": len(manifest.objects), "reason": manifest.reason, "timings": timings}
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main("segment", SegmentWorker))
