@@ -1,0 +1,126 @@
+"""Stage envs: where each stage's interpreter lives, how a child is started in it.
+
+Kinds (``envs.<name>.kind`` in config):
+
+- ``conda``: a conda/mamba/micromamba env, by ``name`` (looked up in the usual envs directories and in
+  ``.envs/``) or by ``prefix``.
+- ``venv``: a virtual environment at ``prefix`` (default ``.envs/<name>``).
+- ``current``: the driver's own interpreter (tests, single-env installs).
+
+The driver never activates an env and never uses ``conda run`` (it buffers output and drops signals): it runs
+``<prefix>/bin/python`` by absolute path with an explicit child environment (the env's ``bin`` first on PATH,
+``CONDA_PREFIX`` or ``VIRTUAL_ENV`` set, ``PYTHONPATH`` = the project root only, ``PYTHONHOME`` removed, plus
+the env's and the stage's declared ``variables``). Conda activation scripts (``etc/conda/activate.d``) therefore
+do not run: declare what they would set (``CUDA_HOME``, ``CC``, …) under ``envs.<name>.variables``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from pipeline.config import PROJECT_ROOT, EnvConfig, PipelineConfig
+from pipeline.errors import EnvNotFound
+from pipeline.proc import child_environment
+
+__all__ = ["ENVS_ROOT", "Env", "resolve_env", "conda_search_dirs"]
+
+ENVS_ROOT = PROJECT_ROOT / ".envs"
+STAMP_NAME = ".pipeline-env.json"
+
+
+@dataclass(frozen=True)
+class Env:
+    """A resolved env: its ``name`` in config, ``kind``, ``prefix`` and declared ``variables``."""
+
+    name: str
+    kind: str
+    prefix: Path
+    variables: Mapping[str, str] = field(default_factory=dict)
+    spec: str | None = None
+
+    @property
+    def bin_dir(self) -> Path:
+        """Directory of the env's executables."""
+        return self.prefix / "bin" if self.kind != "current" else Path(sys.executable).parent
+
+    @property
+    def python(self) -> Path:
+        """Absolute path of the env's interpreter (not resolved through symlinks: a venv's python is one)."""
+        if self.kind == "current":
+            return Path(sys.executable)
+        return self.prefix / "bin" / "python"
+
+    @property
+    def stamp(self) -> Path:
+        """File written when ``envs create`` finished this env: holds the hash of its spec."""
+        return self.prefix / STAMP_NAME
+
+    def exists(self) -> bool:
+        """True when the env's interpreter is there."""
+        return self.python.exists()
+
+    def describe(self) -> dict[str, str]:
+        """Identity used in fingerprints: name, kind and absolute prefix."""
+        return {"name": self.name, "kind": self.kind, "prefix": str(self.prefix)}
+
+    def child_env(self, extra: Mapping[str, str | None] | None = None) -> dict[str, str]:
+        """The environment for a child running in this env, with ``extra`` variables on top."""
+        marker: dict[str, str | None] = {}
+        if self.kind == "conda":
+            marker = {"CONDA_PREFIX": str(self.prefix), "CONDA_DEFAULT_ENV": self.name}
+        elif self.kind == "venv":
+            marker = {"VIRTUAL_ENV": str(self.prefix)}
+        return child_environment(
+            bin_dir=self.bin_dir,
+            pythonpath=[PROJECT_ROOT],
+            set_vars={**marker, **self.variables, **(extra or {})},
+        )
+
+
+def conda_search_dirs() -> list[Path]:
+    """Directories that may hold named conda envs, most specific first."""
+    dirs: list[Path] = [ENVS_ROOT]
+    for var in ("CONDA_ENVS_PATH", "CONDA_ENVS_DIRS"):
+        dirs += [Path(p) for p in os.environ.get(var, "").split(os.pathsep) if p]
+    for var in ("MAMBA_ROOT_PREFIX", "CONDA_ROOT"):
+        if os.environ.get(var):
+            dirs.append(Path(os.environ[var]) / "envs")
+    if os.environ.get("CONDA_EXE"):  # <root>/bin/conda or <root>/condabin/conda
+        dirs.append(Path(os.environ["CONDA_EXE"]).resolve().parent.parent / "envs")
+    home = Path.home()
+    for root in ("miniforge3", "mambaforge", "miniconda3", "anaconda3", "micromamba", ".conda"):
+        dirs.append(home / root / "envs")
+    seen: set[Path] = set()
+    return [d for d in dirs if not (d in seen or seen.add(d))]
+
+
+def _create_hint(name: str) -> str:
+    return f"create it with `python -m pipeline envs create {name}`, or set envs.{name}.prefix to an existing env"
+
+
+def resolve_env(config: PipelineConfig, name: str, *, must_exist: bool = True) -> Env:
+    """Find env ``name`` as the config declares it; a missing env raises EnvNotFound saying where we looked."""
+    cfg: EnvConfig = config.env_for(name)
+    if cfg.kind == "current":
+        return Env(name, "current", Path(sys.prefix), dict(cfg.variables), cfg.spec)
+    if cfg.prefix is not None:
+        candidates = [Path(cfg.prefix).expanduser()]
+    elif cfg.kind == "venv":
+        candidates = [ENVS_ROOT / name]
+    else:
+        env_name = cfg.name or name
+        candidates = [d / env_name for d in conda_search_dirs()]
+    candidates = [c if c.is_absolute() else (PROJECT_ROOT / c) for c in candidates]
+    for prefix in candidates:
+        env = Env(name, cfg.kind, prefix, dict(cfg.variables), cfg.spec)
+        if env.exists():
+            return env
+    env = Env(name, cfg.kind, candidates[0], dict(cfg.variables), cfg.spec)
+    if must_exist:
+        looked = ", ".join(str(c) for c in candidates[:4]) + (" …" if len(candidates) > 4 else "")
+        raise EnvNotFound(f"{cfg.kind} env '{name}' not found (looked in {looked})", hint=_create_hint(name))
+    return env
