@@ -1,0 +1,1 @@
+"""Deterministic test doubles for the stage backends. Never used by the product itself."""
