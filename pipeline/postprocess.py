@@ -66,7 +66,8 @@ def select_objects(
     for det in detections:
         for mask, box, score in zip(det.masks, det.boxes, det.scores):
             mask = np.asarray(mask, dtype=bool)
-            if float(score) < threshold or int(mask.sum()) < max(min_area_px, 1):
+            # `not >=` rather than `<`: a NaN score (broken or random weights) must fail the threshold too
+            if not float(score) >= threshold or int(mask.sum()) < max(min_area_px, 1):
                 continue
             pool.append(Candidate(mask, tuple(float(v) for v in box), float(score), [det.phrase]))
     pool.sort(key=lambda c: c.score, reverse=True)
