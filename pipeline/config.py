@@ -18,6 +18,7 @@ from pipeline.errors import ConfigError
 
 __all__ = [
     "PROJECT_ROOT",
+    "STAGE_NAMES",
     "DEFAULT_CONFIG",
     "EnvConfig",
     "Sam3Config",
@@ -34,7 +35,7 @@ __all__ = [
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
-STAGE_NAMES = ("segment", "reconstruct")
+STAGE_NAMES: tuple[str, ...] = ("segment", "reconstruct")
 Frame = Literal["pytorch3d", "opencv", "opengl"]
 
 

@@ -46,7 +46,7 @@ class CubeReconstructorDouble(Reconstructor):
         mesh = trimesh.creation.box(extents=(0.8, 0.8, 0.8))
         mesh.visual.vertex_colors = np.tile(np.append((colour * 255).astype(np.uint8), 255), (len(mesh.vertices), 1))
         cx, cy = (xs.mean(), ys.mean()) if len(xs) else (w / 2, h / 2)
-        size = max(xs.ptp() + 1, ys.ptp() + 1) / max(h, w) if len(xs) else 0.1
+        size = max(np.ptp(xs) + 1, np.ptp(ys) + 1) / max(h, w) if len(xs) else 0.1
         pose = Pose(
             quat_wxyz=(1.0, 0.0, 0.0, 0.0),
             translation=(float(-(cx - w / 2) / w * 2), float(-(cy - h / 2) / h * 2), 2.0),

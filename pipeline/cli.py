@@ -1,0 +1,201 @@
+"""Command line: ``python -m pipeline run|segment|reconstruct|envs|vlm``.
+
+This module only parses arguments, builds requests and maps errors to exit codes
+(0 ok, 1 stage failure, 2 usage/config/input error, 130 interrupted). Tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pipeline.config import STAGE_NAMES, PipelineConfig, load_config
+from pipeline.errors import EXIT_INTERRUPTED, PipelineError, StageFailed, UsageError
+from pipeline.plan import check_stage_names
+
+__all__ = ["main", "build_parser"]
+
+Handler = Callable[[argparse.Namespace, PipelineConfig], int]
+
+
+def _common_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--config", type=Path, metavar="FILE", help="YAML config merged over configs/default.yaml")
+    parent.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override one config key, e.g. --set segment.threshold=0.3 (repeatable)")
+    parent.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parent
+
+
+def _add_rerun_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="append", default=[], metavar="STAGE", help=f"rerun STAGE even if up to date ({', '.join(STAGE_NAMES)}; repeatable)")
+    parser.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and every stage after it")
+    parser.add_argument("--dry-run", action="store_true", help="print for each stage 'run' or 'skip' and why; change nothing")
+
+
+def _add_input_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", type=Path, required=True, help="input image (JPEG, PNG, …)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--query", help="natural-language query for the VLM agent, e.g. 'the two horses on the left'")
+    group.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                       help="noun phrase(s) straight to the segmenter, no VLM (repeatable; commas split)")
+    parser.add_argument("--out", type=Path, help="run directory (default: <run.out_root>/<image stem>-<hash>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (``--help`` works without any model env)."""
+    common = _common_parent()
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Image + text → SAM3 masks → SAM 3D Objects Gaussians, meshes and a composed scene.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="segment then reconstruct (both stages)")
+    _add_input_flags(run)
+    _add_rerun_flags(run)
+    run.set_defaults(handler=_cmd_run, stages=STAGE_NAMES)
+
+    seg = sub.add_parser("segment", parents=[common], help="only the 2D stage (VLM agent or phrases → masks)")
+    _add_input_flags(seg)
+    _add_rerun_flags(seg)
+    seg.set_defaults(handler=_cmd_run, stages=("segment",))
+
+    rec = sub.add_parser("reconstruct", parents=[common], help="only the 3D stage, from a run dir or a masks folder")
+    src = rec.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="a run directory holding masks/manifest.json")
+    src.add_argument("--masks", type=Path, help="a folder of mask PNGs (needs --image)")
+    rec.add_argument("--image", type=Path, help="the image the masks were made from (with --masks)")
+    rec.add_argument("--out", type=Path, help="run directory to create (with --masks)")
+    _add_rerun_flags(rec)
+    rec.set_defaults(handler=_cmd_reconstruct, stages=("reconstruct",))
+
+    envs = sub.add_parser("envs", help="create or check the stage envs")
+    envs_sub = envs.add_subparsers(dest="envs_command", required=True, metavar="ACTION")
+    create = envs_sub.add_parser("create", parents=[common], help="build envs from envs/*.yml (conda/mamba/micromamba, else venv + pip)")
+    create.add_argument("names", nargs="*", help="env names (default: all declared)")
+    create.add_argument("--recreate", action="store_true", help="delete and rebuild existing envs")
+    create.set_defaults(handler=_cmd_envs_create)
+    check = envs_sub.add_parser("check", parents=[common], help="table per env: found, versions, GPU, weights")
+    check.add_argument("names", nargs="*", help="env names (default: all declared)")
+    check.set_defaults(handler=_cmd_envs_check)
+
+    try:
+        from pipeline.vlm.commands import add_vlm_commands
+    except ImportError:  # pragma: no cover - only while the vlm package is absent
+        pass
+    else:
+        add_vlm_commands(sub, common)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _split_prompts(values: Sequence[str]) -> tuple[str, ...]:
+    return tuple(p.strip() for v in values for p in v.split(",") if p.strip()) if values else ()
+
+
+def default_run_dir(config: PipelineConfig, image: Path, key: str) -> Path:
+    """``<out_root>/<image stem>-<8 hex>``: the same image and request always map to the same run dir."""
+    digest = hashlib.sha256(f"{Path(image).resolve()}\n{key}".encode()).hexdigest()[:8]
+    return Path(config.run.out_root) / f"{Path(image).stem}-{digest}"
+
+
+def _rerun_args(args: argparse.Namespace) -> tuple[frozenset[str], str | None]:
+    check_stage_names(args.force, "--force")
+    if args.from_stage:
+        check_stage_names([args.from_stage], "--from")
+    return frozenset(args.force), args.from_stage
+
+
+def _cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from pipeline.runner import RunRequest, validate_request
+
+    if args.query is None and not args.prompt:
+        raise UsageError("give one of --query TEXT or --prompt TEXT", hint="e.g. --prompt horse, or --query 'the two horses on the left'")
+    prompts = _split_prompts(args.prompt)
+    force, from_stage = _rerun_args(args)
+    key = f"query:{args.query}" if args.query is not None else "prompt:" + "\n".join(prompts)
+    run_dir = args.out or default_run_dir(config, args.image, key)
+    req = RunRequest(run_dir=Path(run_dir), stages=args.stages, image=args.image, query=args.query,
+                     prompts=prompts, force=force, from_stage=from_stage, dry_run=args.dry_run)
+    validate_request(req)
+    return _execute(req, config)
+
+
+def _cmd_reconstruct(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from pipeline.runner import RunRequest
+
+    force, from_stage = _rerun_args(args)
+    if args.masks is not None:
+        if args.image is None:
+            raise UsageError("--masks needs --image (the image the masks were made from)")
+        run_dir = args.out or default_run_dir(config, args.image, f"masks:{Path(args.masks).resolve()}")
+        req = RunRequest(run_dir=Path(run_dir), stages=("reconstruct",), image=args.image, masks_dir=args.masks,
+                         force=force | {"reconstruct"} if args.out is None else force, from_stage=from_stage, dry_run=args.dry_run)
+    else:
+        if args.image is not None or args.out is not None:
+            raise UsageError("--image and --out go with --masks, not with --run")
+        if not args.run.is_dir():
+            raise UsageError(f"run directory not found: {args.run}", hint="pass a directory made by `python -m pipeline segment` or `run`")
+        req = RunRequest(run_dir=args.run, stages=("reconstruct",), force=force, from_stage=from_stage, dry_run=args.dry_run)
+    return _execute(req, config)
+
+
+def _execute(req, config: PipelineConfig) -> int:  # noqa: ANN001 - RunRequest, imported lazily
+    from pipeline.console import run_with_progress
+
+    return run_with_progress(req, config)
+
+
+def _cmd_envs_create(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from pipeline.envbuild import create_envs
+
+    return create_envs(config, args.names, recreate=args.recreate)
+
+
+def _cmd_envs_check(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from pipeline.envbuild import check_envs
+
+    return check_envs(config, args.names)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _report(exc: PipelineError) -> None:
+    err = sys.stderr
+    print(f"error: {exc.message}", file=err)
+    if isinstance(exc, StageFailed):
+        if exc.tail:
+            print("  last lines of the log:", file=err)
+            for line in exc.tail.splitlines():
+                print(f"    {line}", file=err)
+        if exc.log_path:
+            print(f"  full log: {exc.log_path}", file=err)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=err)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run the command, map errors to exit codes."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        config = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
+        return int(args.handler(args, config))
+    except PipelineError as exc:
+        if debug:
+            raise
+        _report(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted: every process this run started was stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED

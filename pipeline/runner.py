@@ -1,0 +1,401 @@
+"""Executes a run: prepares the run directory, plans each stage, runs the workers, records run.json.
+
+Stage order is fixed: ``segment`` (image + phrases or query → masks) then ``reconstruct``
+(masks → 3D). Each stage is planned just before it runs (see :mod:`pipeline.plan`); ``dry_run`` prints
+the plan and touches nothing. A run directory is locked for the whole run.
+"""
+
+from __future__ import annotations
+
+import io
+import platform
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pipeline.atomic import sha256_bytes, sha256_file, write_bytes_atomic, write_json_atomic
+from pipeline.config import STAGE_NAMES, PipelineConfig
+from pipeline.envs import resolve_env
+from pipeline.errors import InputError, ManifestError, PipelineError, UsageError
+from pipeline.fingerprint import code_version, fingerprint, section_params
+from pipeline.handoff import (
+    INPUT_IMAGE,
+    LOGS_DIR,
+    MANIFEST_NAME,
+    MASKS_DIR,
+    OBJECTS_DIR,
+    RUN_RECORD,
+    FileRecord,
+    MaskManifest,
+    ObjectsManifest,
+    RunRecord,
+    StageRecord,
+    file_record,
+    load_manifest,
+    now_iso,
+)
+from pipeline.images import normalise_image, open_image
+from pipeline.lock import run_lock
+from pipeline.plan import Decision, RecordedOutputs, decide, stages_from
+from pipeline.stages.protocol import Job
+from pipeline.workers import WorkerProcess
+
+__all__ = ["RunRequest", "StageOutcome", "RunOutcome", "Runner", "CONFIG_NAME", "input_png"]
+
+CONFIG_NAME = "config.json"
+Reporter = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What to run. ``image`` None means: use the input already in ``run_dir``."""
+
+    run_dir: Path
+    stages: tuple[str, ...] = STAGE_NAMES
+    image: Path | None = None
+    query: str | None = None
+    prompts: tuple[str, ...] = ()
+    force: frozenset[str] = frozenset()
+    from_stage: str | None = None
+    dry_run: bool = False
+    masks_dir: Path | None = None  # import these masks instead of running the segment stage
+
+    @property
+    def mode(self) -> str:
+        """``query`` (VLM agent) or ``prompt`` (phrases straight to the segmenter)."""
+        return "query" if self.query is not None else "prompt"
+
+
+@dataclass
+class StageOutcome:
+    """How one stage went: its decision and, when it ran, the worker's result."""
+
+    decision: Decision
+    result: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+
+@dataclass
+class RunOutcome:
+    """Every stage's outcome, in order."""
+
+    run_dir: Path
+    stages: list[StageOutcome]
+
+
+def input_png(image_path: Path) -> bytes:
+    """The input image as the run stores it: EXIF orientation applied, RGB, PNG-encoded (deterministic)."""
+    image = normalise_image(open_image(image_path))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def validate_request(req: RunRequest) -> None:
+    """Reject contradictory or empty requests with a usage error."""
+    if "segment" in req.stages and req.image is not None:
+        if (req.query is None) == (not req.prompts):
+            raise UsageError("give exactly one of --query TEXT or --prompt TEXT", hint="--prompt horse, or --query 'the two horses on the left'")
+        if req.query is not None and not req.query.strip():
+            raise UsageError("--query is empty", hint="describe the objects to find, e.g. --query 'the red car'")
+        if req.prompts and not all(p.strip() for p in req.prompts):
+            raise UsageError("--prompt has an empty phrase", hint="pass short noun phrases such as --prompt horse")
+
+
+class Runner:
+    """Runs the stages of one run directory with one resolved config."""
+
+    def __init__(self, config: PipelineConfig, *, say: Reporter = print, progress: Any = None) -> None:
+        self.config = config
+        self.say = say
+        self.progress = progress  # a rich.progress.Progress or None
+
+    # ------------------------------------------------------------------ fingerprints and recorded state
+
+    def _segment_fingerprint(self, req: RunRequest, image_sha: str) -> str:
+        cfg = self.config
+        components: dict[str, Any] = {
+            "stage": "segment",
+            "inputs": {"image": image_sha},
+            "request": {"mode": req.mode, "query": req.query, "prompts": list(req.prompts)},
+            "params": section_params(cfg.segment.model_dump(mode="json")),
+            "env": cfg.env_for(cfg.segment.env).model_dump(mode="json", exclude={"variables"}),
+            "code": code_version("segment", cfg.segment.backend),
+        }
+        if req.mode == "query":
+            components["vlm"] = cfg.vlm.model_dump(
+                mode="json", include={"url", "model", "served_name", "image_max_side", "max_tokens", "temperature", "top_p"}
+            )
+            components["agent"] = cfg.agent.model_dump(mode="json")
+        return fingerprint(components)
+
+    def _reconstruct_fingerprint(self, image_sha: str, masks: MaskManifest) -> str:
+        cfg = self.config
+        return fingerprint(
+            {
+                "stage": "reconstruct",
+                "inputs": {"image": image_sha, "masks": [o.model_dump(mode="json", exclude={"decision"}) for o in masks.objects]},
+                "params": section_params(cfg.reconstruct.model_dump(mode="json")),
+                "env": cfg.env_for(cfg.reconstruct.env).model_dump(mode="json", exclude={"variables"}),
+                "code": code_version("reconstruct", cfg.reconstruct.backend),
+            }
+        )
+
+    @staticmethod
+    def _recorded(run_dir: Path, stage: str) -> RecordedOutputs | ManifestError | None:
+        if stage == "segment":
+            path = run_dir / MASKS_DIR / MANIFEST_NAME
+            if not path.exists():
+                return None
+            try:
+                m = load_manifest(path, MaskManifest)
+            except ManifestError as exc:
+                return exc
+            files = tuple(FileRecord(path=o.file, sha256=o.sha256, size=-1) for o in m.objects)
+            return RecordedOutputs(m.fingerprint, files)
+        path = run_dir / OBJECTS_DIR / MANIFEST_NAME
+        if not path.exists():
+            return None
+        try:
+            o = load_manifest(path, ObjectsManifest)
+        except ManifestError as exc:
+            return exc
+        return RecordedOutputs(o.fingerprint, tuple(f for rec in o.objects for f in rec.files) + tuple(o.scene))
+
+    def _stage_fingerprint(self, stage: str, req: RunRequest, image_sha: str) -> str | None:
+        if stage == "segment":
+            return self._segment_fingerprint(req, image_sha)
+        masks_path = req.run_dir / MASKS_DIR / MANIFEST_NAME
+        try:
+            masks = load_manifest(masks_path, MaskManifest)
+        except ManifestError:
+            return None
+        return self._reconstruct_fingerprint(image_sha, masks)
+
+    def _decide(self, stage: str, req: RunRequest, image_sha: str, upstream_runs: str | None = None) -> Decision:
+        forced = stage in req.force or stage in stages_from(req.from_stage)
+        fp = None if upstream_runs else self._stage_fingerprint(stage, req, image_sha)
+        return decide(
+            stage,
+            run_dir=req.run_dir,
+            fingerprint=fp,
+            recorded=self._recorded(req.run_dir, stage),
+            forced=forced,
+            upstream_runs=upstream_runs,
+        )
+
+    # ------------------------------------------------------------------ planning
+
+    def _image_sha(self, req: RunRequest) -> tuple[str, bytes | None]:
+        if req.image is not None:
+            png = input_png(req.image)
+            return sha256_bytes(png), png
+        stored = req.run_dir / INPUT_IMAGE
+        if not stored.exists():
+            raise InputError(
+                f"{req.run_dir} holds no input image ({INPUT_IMAGE})",
+                hint="pass --image, or point --run at a directory made by `python -m pipeline segment` or `run`",
+            )
+        return sha256_file(stored), None
+
+    def plan(self, req: RunRequest) -> list[Decision]:
+        """Predict every stage's decision without touching anything (``--dry-run``)."""
+        validate_request(req)
+        image_sha, _ = self._image_sha(req)
+        decisions: list[Decision] = []
+        upstream: str | None = None
+        for stage in req.stages:
+            d = self._decide(stage, req, image_sha, upstream)
+            decisions.append(d)
+            if d.runs:
+                upstream = stage
+        return decisions
+
+    def _preflight(self, req: RunRequest, png: bytes | None) -> None:
+        """Fail before anything is written if an input is bad or a stage that will run has no env."""
+        if req.masks_dir is not None:
+            from PIL import Image
+
+            from pipeline.importing import check_masks
+
+            if png is None:
+                raise UsageError("--masks needs --image (the image the masks were made from)")
+            with Image.open(io.BytesIO(png)) as img:
+                check_masks(req.masks_dir, img.size)
+        for d in self.plan(req):
+            if not d.runs:
+                continue
+            section = self.config.stage(d.stage)
+            resolve_env(self.config, section.env)
+            if d.stage == "reconstruct" and "segment" not in req.stages and req.masks_dir is None:
+                if not (req.run_dir / MASKS_DIR / MANIFEST_NAME).exists():
+                    raise InputError(
+                        f"{req.run_dir} has no {MASKS_DIR}/{MANIFEST_NAME}",
+                        hint="run the segment stage first, or pass --masks DIR --image IMG",
+                    )
+
+    # ------------------------------------------------------------------ execution
+
+    def execute(self, req: RunRequest) -> RunOutcome:
+        """Run (or skip) each requested stage in order; raises StageFailed on the first failure."""
+        if req.dry_run:
+            return RunOutcome(req.run_dir, [StageOutcome(d) for d in self.plan(req)])
+        image_sha, png = self._image_sha(req)
+        self._preflight(req, png)
+        outcomes: list[StageOutcome] = []
+        with run_lock(req.run_dir):
+            record = self._open_record(req, png)
+            if req.masks_dir is not None and png is not None:
+                self._import(req, png, record)
+            write_json_atomic(req.run_dir / CONFIG_NAME, self.config.model_dump(mode="json"))
+            for stage in req.stages:
+                decision = self._decide(stage, req, image_sha)
+                outcome = StageOutcome(decision)
+                outcomes.append(outcome)
+                if not decision.runs:
+                    self.say(f"{stage}: skip ({decision.reason})")
+                    record.stages[stage] = record.stages.get(stage, StageRecord()).model_copy(
+                        update={"status": "skipped", "reason": decision.reason}
+                    )
+                    self._save_record(req.run_dir, record)
+                    continue
+                self.say(f"{stage}: run ({decision.reason})")
+                self._run_stage(stage, req, image_sha, record, outcome)
+        return RunOutcome(req.run_dir, outcomes)
+
+    def _open_record(self, req: RunRequest, png: bytes | None) -> RunRecord:
+        run_dir = req.run_dir
+        path = run_dir / RUN_RECORD
+        record: RunRecord | None = None
+        if path.exists():
+            try:
+                record = load_manifest(path, RunRecord)
+            except ManifestError:
+                record = None
+        if record is None:
+            record = RunRecord(run_id=run_dir.name)
+        stored = run_dir / INPUT_IMAGE
+        if png is not None and (not stored.exists() or sha256_file(stored) != sha256_bytes(png)):
+            write_bytes_atomic(stored, png)
+        updates: dict[str, Any] = {
+            "config": self.config.model_dump(mode="json"),
+            "versions": {"python": platform.python_version(), "driver_python": sys.executable, "schema": "1"},
+        }
+        if req.image is not None:
+            updates.update(image=file_record(run_dir, stored), source_image=str(Path(req.image).resolve()))
+        if "segment" in req.stages and req.image is not None:
+            updates.update(query=req.query, prompts=list(req.prompts))
+        record = record.model_copy(update=updates)
+        self._save_record(run_dir, record)
+        return record
+
+    def _import(self, req: RunRequest, png: bytes, record: RunRecord) -> None:
+        from pipeline.importing import import_masks
+
+        manifest = import_masks(req.run_dir, req.masks_dir, png)
+        record.stages["segment"] = StageRecord(
+            status="succeeded", fingerprint=manifest.fingerprint, reason=f"imported from {req.masks_dir}",
+            started=now_iso(), ended=now_iso(), duration_s=0.0,
+        )
+        self._save_record(req.run_dir, record)
+        self.say(f"segment: imported {len(manifest.objects)} mask(s) from {req.masks_dir}")
+
+    @staticmethod
+    def _save_record(run_dir: Path, record: RunRecord) -> None:
+        record.updated = now_iso()
+        write_json_atomic(run_dir / RUN_RECORD, record.model_dump(mode="json"))
+
+    def _job_params(self, stage: str, req: RunRequest) -> dict[str, Any]:
+        if stage != "segment":
+            return {}
+        if req.mode == "query":
+            return {"mode": "query", "query": req.query}
+        return {"mode": "prompt", "prompts": list(req.prompts)}
+
+    def _run_stage(self, stage: str, req: RunRequest, image_sha: str, record: RunRecord, outcome: StageOutcome) -> None:
+        section = self.config.stage(stage)
+        env = resolve_env(self.config, section.env)
+        log_path = req.run_dir / LOGS_DIR / f"{stage}.log"
+        fp = self._stage_fingerprint(stage, req, image_sha)
+        assert fp is not None, "the upstream manifest exists once its stage has run"
+        started = now_iso()
+        record.stages[stage] = StageRecord(status="running", fingerprint=fp, started=started, log=f"{LOGS_DIR}/{stage}.log")
+        self._save_record(req.run_dir, record)
+        t0 = time.perf_counter()
+        params = self._job_params(stage, req)
+        task = self.progress.add_task(stage, total=None) if self.progress is not None else None
+
+        def on_progress(done: int, total: int, message: str) -> None:
+            if self.progress is not None and task is not None:
+                self.progress.update(task, completed=done, total=total or None, description=f"{stage}: {message}")
+
+        try:
+            with ExitStack() as stack:
+                if params.get("mode") == "query":
+                    from pipeline.vlm.server import vlm_service
+
+                    params["vlm_url"] = stack.enter_context(
+                        vlm_service(self.config, log_path=req.run_dir / LOGS_DIR / "vlm.log")
+                    )
+                worker = stack.enter_context(
+                    WorkerProcess(
+                        stage,
+                        env,
+                        config_path=req.run_dir / CONFIG_NAME,
+                        log_path=log_path,
+                        variables=dict(section.variables),
+                    )
+                )
+                job = Job(id=f"{req.run_dir.name}:{stage}", run_dir=str(req.run_dir.resolve()), fingerprint=fp, params=params)
+                outcome.result = worker.submit(job, on_progress)
+                outcome.result.setdefault("timings", {})["load_s"] = worker.load_s or 0.0
+        except BaseException as exc:
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else (
+                exc.message if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+            )
+            _remove_partials(req.run_dir)
+            record.stages[stage] = record.stages[stage].model_copy(
+                update={"status": "failed", "reason": reason, "ended": now_iso(), "duration_s": time.perf_counter() - t0}
+            )
+            self._save_record(req.run_dir, record)
+            raise
+        finally:
+            if self.progress is not None and task is not None:
+                self.progress.remove_task(task)
+        outcome.duration_s = time.perf_counter() - t0
+        timings = {k: float(v) for k, v in outcome.result.get("timings", {}).items() if isinstance(v, (int, float))}
+        record.stages[stage] = record.stages[stage].model_copy(
+            update={
+                "status": "succeeded",
+                "reason": outcome.decision.reason,
+                "ended": now_iso(),
+                "duration_s": round(outcome.duration_s, 3),
+                "timings": timings,
+            }
+        )
+        self._save_record(req.run_dir, record)
+        self.say(f"{stage}: done in {outcome.duration_s:.1f}s ({outcome.result.get('objects', 0)} object(s))")
+
+
+def _remove_partials(run_dir: Path) -> None:
+    """Delete the staging directories (``*.partial``) a failed or killed worker left behind."""
+    import shutil
+
+    for path in run_dir.glob("*.partial"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_stage_records(run_dir: Path) -> dict[str, StageRecord]:
+    """The per-stage records of ``run.json`` (empty if there is none yet)."""
+    try:
+        return load_manifest(run_dir / RUN_RECORD, RunRecord).stages
+    except ManifestError:
+        return {}
+
+
+def stage_names(names: Sequence[str]) -> tuple[str, ...]:
+    """Stage names in pipeline order."""
+    return tuple(s for s in STAGE_NAMES if s in names)
