@@ -71,7 +71,8 @@ def _first_bad_file(run_dir: Path, files: Sequence[FileRecord]) -> str | None:
         path = run_dir / rec.path
         if not path.exists():
             return f"{rec.path} is missing"
-        if path.stat().st_size != rec.size or sha256_file(path) != rec.sha256:
+        size_differs = rec.size >= 0 and path.stat().st_size != rec.size  # size -1: not recorded
+        if size_differs or sha256_file(path) != rec.sha256:
             return f"{rec.path} was modified"
     return None
 
