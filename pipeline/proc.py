@@ -24,6 +24,7 @@ __all__ = [
     "stop_process_group",
     "run_command",
     "tail_lines",
+    "capture_output",
 ]
 
 # Variables that would make a child interpreter load the wrong packages or the wrong env.
@@ -173,3 +174,15 @@ def tail_lines(path: Path | None, n: int = 20) -> str:
         fh.seek(max(0, size - 64 * 1024))
         data = fh.read().decode("utf-8", errors="replace")
     return "\n".join(data.splitlines()[-n:])
+
+
+def capture_output(argv: Sequence[str], *, env: Mapping[str, str], timeout_s: float = 120.0) -> tuple[int, str]:
+    """Run a short command and return ``(returncode, stdout)``; stderr is discarded. Group-killed on timeout."""
+    proc = spawn(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except BaseException:
+        stop_process_group(proc, grace_s=2.0)
+        proc.communicate()
+        return -1, ""
+    return proc.returncode, out
