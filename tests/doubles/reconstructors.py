@@ -25,8 +25,11 @@ class CubeReconstructorDouble(Reconstructor):
         return {"image": image}
 
     def reconstruct(self, context: dict, mask: np.ndarray, seed: int) -> ObjectReconstruction:
+        import time
+
         import trimesh
 
+        time.sleep(float(self.config.options.get("delay_s", 0.0)))  # lets tests kill a worker mid-stage
         image = context["image"]
         h, w = mask.shape
         ys, xs = np.nonzero(mask)

@@ -1,0 +1,50 @@
+"""Shared fixtures: synthetic images and a CLI runner that uses the real entry point in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> CliResult:
+    """Run ``python -m pipeline ARGS`` from the project root, like a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def draw_scene(path: Path, size: tuple[int, int] = (96, 64)) -> Path:
+    """Two red boxes and a blue disc on grey: the colour-blob segmenter double finds 3 objects."""
+    image = Image.new("RGB", size, (40, 40, 40))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([5, 5, 25, 30], fill=(255, 0, 0))
+    draw.rectangle([50, 20, 80, 50], fill=(255, 0, 0))
+    draw.ellipse([30, 35, 45, 60], fill=(0, 0, 255))
+    image.save(path)
+    return path
+
+
+@pytest.fixture
+def scene_image(tmp_path: Path) -> Path:
+    return draw_scene(tmp_path / "scene.png")
