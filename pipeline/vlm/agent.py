@@ -17,7 +17,6 @@ Every request (purpose, model, token usage, latency, reasoning text, parsed deci
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,9 @@ from pipeline.vlm.prompts import (
     propose_text,
     review_text,
 )
+from pipeline.vlm.server import api_key
 
-__all__ = ["TRANSCRIPT_NAME", "NO_MATCH", "AgentOutcome", "run_agent", "api_key_for"]
+__all__ = ["TRANSCRIPT_NAME", "NO_MATCH", "AgentOutcome", "run_agent"]
 
 TRANSCRIPT_NAME = "transcript.json"
 TRANSCRIPT_VERSION = 1
@@ -81,12 +81,6 @@ class _Transcript:
 
     def write(self) -> None:
         write_json_atomic(self.path, self.data)
-
-
-def api_key_for(config: PipelineConfig) -> str | None:
-    """The API key from the environment variable named by ``vlm.api_key_env`` (None when unset or empty)."""
-    name = config.vlm.api_key_env
-    return (os.environ.get(name) or None) if name else None
 
 
 def _candidate_lines(candidates: list[Candidate], width: int, height: int) -> list[CandidateLine]:
@@ -295,7 +289,7 @@ def run_agent(
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
-    with VLMClient(vlm_url, config.vlm, api_key=api_key_for(config), on_attempt=transcript.add_request) as client:
+    with VLMClient(vlm_url, config.vlm, api_key=api_key(config), on_attempt=transcript.add_request) as client:
         run = _AgentRun(segmenter, image, query, config, client, transcript, out_dir, progress)
         try:
             outcome = run.run()
