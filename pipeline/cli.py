@@ -7,7 +7,6 @@ This module only parses arguments, builds requests and maps errors to exit codes
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -100,9 +99,10 @@ def _split_prompts(values: Sequence[str]) -> tuple[str, ...]:
 
 
 def default_run_dir(config: PipelineConfig, image: Path, key: str) -> Path:
-    """``<out_root>/<image stem>-<8 hex>``: the same image and request always map to the same run dir."""
-    digest = hashlib.sha256(f"{Path(image).resolve()}\n{key}".encode()).hexdigest()[:8]
-    return Path(config.run.out_root) / f"{Path(image).stem}-{digest}"
+    """See :func:`pipeline.api.default_run_dir`."""
+    from pipeline.api import default_run_dir as _default
+
+    return _default(config, image, key)
 
 
 def _rerun_args(args: argparse.Namespace) -> tuple[frozenset[str], str | None]:
