@@ -1,0 +1,256 @@
+"""The ``sam3`` segmentation backend: Meta's SAM3 image model (PyPI ``sam3`` 0.1.4) behind :class:`Segmenter`.
+
+Built once per worker (the model stays resident). Per image, :meth:`Sam3Segmenter.set_image` runs the ViT
+backbone once (1008×1008 input, features cached); :meth:`Sam3Segmenter.predict` then decodes all phrases of
+the call in one batched pass of SAM3's grounding path (fusion encoder, DETR decoder, mask head) against the
+cached image features: query *i* is (image 0, text *i*). Text features are cached per phrase, so a phrase
+seen before (the agent re-asks often) skips the text encoder. On GPU every call runs under
+``torch.inference_mode()`` + bf16 autocast with TF32 matmuls; on CPU in fp32 with the patches of
+:mod:`pipeline.backends.sam3_cpu`.
+
+Outputs per phrase (:class:`~pipeline.backends.base.Detections`): detections whose score
+``sigmoid(logit) · sigmoid(presence)`` is at least ``segment.threshold`` (the same threshold
+:func:`~pipeline.postprocess.select_objects` applies; filtering here keeps full-resolution masks of the
+~200 rejected queries off the host), masks upsampled bilinearly from 288×288 logits to the input H×W and
+cut at logit 0, boxes XYXY in input pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from pipeline.backends.base import Detections, Segmenter
+from pipeline.backends.sam3_assets import checkpoint_load_error, locate_bpe, parse_device, resolve_checkpoint
+from pipeline.errors import BackendError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+    from pipeline.config import SegmentConfig
+
+__all__ = ["Sam3Segmenter", "MAX_PHRASES_PER_PASS", "TEXT_CACHE_SIZE"]
+
+RESOLUTION = 1008  # fixed by the model: position tables and RoPE are built for 72×72 patches of 14 px
+MAX_PHRASES_PER_PASS = 16  # phrases decoded together; bounds activation memory (each is one 200-query batch row)
+TEXT_CACHE_SIZE = 512  # encoded phrases kept (each ~32×256 + 32×1024 floats)
+_TEXT_KEYS = ("language_features", "language_embeds")  # sequence-first: (32, B, C)
+
+
+class Sam3Segmenter(Segmenter):
+    """SAM3 text-prompted instance segmentation, one resident model per worker process."""
+
+    def __init__(self, config: SegmentConfig) -> None:
+        super().__init__(config)
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(parse_device(config.device, torch.cuda.device_count()))
+        self.is_cuda = self.device.type == "cuda"
+        self.use_bf16 = self.is_cuda and config.sam3.dtype == "bfloat16"
+        self.timings: dict[str, float] = {}
+        self._text_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._image: dict[str, Any] | None = None
+        t0 = time.perf_counter()
+        self.model = self._build()
+        self.timings["build_s"] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------ build
+
+    def _build(self) -> Any:
+        """Locate BPE + weights, build ``build_sam3_image_model`` on ``self.device``, eval mode."""
+        torch = self._torch
+        cfg = self.config.sam3
+        bpe = locate_bpe(cfg.bpe_path)
+        checkpoint: Path | None = None
+        from_hub = False
+        if not cfg.random_weights:
+            checkpoint, from_hub = resolve_checkpoint(cfg.checkpoint, revision=cfg.revision, redownload=cfg.redownload)
+        if self.is_cuda:
+            # sam3 0.1.4 creates two caches on the *current* CUDA device and moves the model only for the
+            # literal device "cuda" (sam3.md §4, §8): select the GPU first, then build with "cuda".
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            build_patches: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        else:
+            from pipeline.backends import sam3_cpu
+
+            sam3_cpu.ensure_torchvision()
+            sam3_cpu.patch_pin_memory()
+            build_patches = sam3_cpu.cpu_build_patches()
+        try:
+            from sam3.model_builder import build_sam3_image_model
+        except ImportError as exc:
+            raise BackendError(
+                f"cannot import sam3 in this env ({exc})",
+                hint="recreate the env from envs/sam3.yml (python -m pipeline envs create sam3)",
+            ) from exc
+        with build_patches:
+            try:
+                model = build_sam3_image_model(
+                    bpe_path=str(bpe),
+                    device="cuda" if self.is_cuda else "cpu",
+                    checkpoint_path=None if checkpoint is None else str(checkpoint),
+                    load_from_HF=False,
+                    compile=cfg.compile,
+                )
+            except (RuntimeError, EOFError, OSError, ValueError) as exc:
+                if checkpoint is not None and _looks_like_bad_checkpoint(exc):
+                    raise checkpoint_load_error(exc, checkpoint, from_hub=from_hub) from exc
+                raise
+        if cfg.random_weights:
+            _init_random_text_tensors(model)
+        return model.eval()
+
+    # ------------------------------------------------------------------------------------------ per image
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        torch = self._torch
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.use_bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
+            yield
+
+    def set_image(self, image: Image.Image) -> None:
+        """Run the ViT backbone on one RGB image (resized to 1008×1008); keep its features for ``predict``."""
+        from torchvision.transforms import v2
+
+        width, height = image.size
+        with self._inference():
+            pixels = v2.functional.pil_to_tensor(image.convert("RGB")).to(self.device, non_blocking=True)
+            # as upstream's Sam3Processor: uint8 square resize (antialiased), then [0, 1] → [-1, 1]
+            pixels = v2.functional.resize(pixels, [RESOLUTION, RESOLUTION], antialias=True)
+            pixels = (pixels.float() / 255.0 - 0.5) / 0.5
+            backbone_out = self.model.backbone.forward_image(pixels.unsqueeze(0))
+        # drop what the grounding path does not read (sam2_backbone_out is only for the interactive head)
+        backbone_out.pop("sam2_backbone_out", None)
+        self._image = {"backbone_out": backbone_out, "height": height, "width": width}
+
+    def predict(self, phrases: Sequence[str]) -> list[Detections]:
+        """One :class:`Detections` per phrase, in order, against the image last given to :meth:`set_image`."""
+        if self._image is None:
+            raise BackendError("Sam3Segmenter.predict() called before set_image()", hint="call set_image(image) first")
+        phrases = list(phrases)
+        if not phrases:
+            return []
+        unique = list(dict.fromkeys(phrases))
+        by_phrase: dict[str, Detections] = {}
+        for start in range(0, len(unique), MAX_PHRASES_PER_PASS):
+            chunk = unique[start : start + MAX_PHRASES_PER_PASS]
+            by_phrase.update(zip(chunk, self._ground(chunk)))
+        return [by_phrase[p] for p in phrases]
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _encode_texts(self, phrases: list[str]) -> dict[str, torch.Tensor]:
+        """Text features for ``phrases`` (cached per phrase): language_features (32, P, 256),
+        language_mask (P, 32) bool (True = padding), language_embeds (32, P, 1024)."""
+        torch = self._torch
+        missing = [p for p in phrases if p not in self._text_cache]
+        if missing:
+            out = self.model.backbone.forward_text(missing, device=self.device)
+            for i, phrase in enumerate(missing):
+                entry = {key: out[key][:, i : i + 1] for key in _TEXT_KEYS}
+                entry["language_mask"] = out["language_mask"][i : i + 1]
+                self._text_cache[phrase] = entry
+        for phrase in phrases:
+            self._text_cache.move_to_end(phrase)
+        while len(self._text_cache) > TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
+        entries = [self._text_cache[p] for p in phrases]
+        text = {key: torch.cat([e[key] for e in entries], dim=1) for key in _TEXT_KEYS}
+        text["language_mask"] = torch.cat([e["language_mask"] for e in entries], dim=0)
+        return text
+
+    def _ground(self, phrases: list[str]) -> list[Detections]:
+        """One batched grounding pass: P queries (image 0, text i) over the cached image features."""
+        from sam3.model.data_misc import FindStage
+
+        torch = self._torch
+        assert self._image is not None
+        n = len(phrases)
+        with self._inference():
+            backbone_out = {**self._image["backbone_out"], **self._encode_texts(phrases)}
+            find = FindStage(
+                img_ids=torch.zeros(n, dtype=torch.long, device=self.device),
+                text_ids=torch.arange(n, dtype=torch.long, device=self.device),
+                input_boxes=None,
+                input_boxes_mask=None,
+                input_boxes_label=None,
+                input_points=None,
+                input_points_mask=None,
+            )
+            out = self.model.forward_grounding(
+                backbone_out=backbone_out,
+                find_input=find,
+                find_target=None,
+                geometric_prompt=self.model._get_dummy_prompt(num_prompts=n),
+            )
+            return self._to_detections(phrases, out)
+
+    def _to_detections(self, phrases: list[str], out: dict[str, Any]) -> list[Detections]:
+        """Scores, threshold, boxes to pixels, masks to input resolution; one host copy per phrase."""
+        torch = self._torch
+        height, width = self._image["height"], self._image["width"]  # type: ignore[index]
+        # pred_logits (P, 200, 1), presence_logit_dec (P, 1), pred_boxes (P, 200, 4) cxcywh in [0, 1],
+        # pred_masks (P, 200, 288, 288) logits
+        scores = out["pred_logits"].float().sigmoid().squeeze(-1) * out["presence_logit_dec"].float().sigmoid()
+        keep = scores >= self.config.threshold
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=scores.device)
+        results = []
+        for i, phrase in enumerate(phrases):
+            idx = keep[i].nonzero().squeeze(1)
+            if idx.numel():
+                idx = idx[scores[i, idx].argsort(descending=True)]
+            cx, cy, w, h = out["pred_boxes"][i, idx].float().unbind(-1)
+            boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1) * scale
+            logits = out["pred_masks"][i, idx].unsqueeze(1).float()
+            if idx.numel():
+                logits = torch.nn.functional.interpolate(logits, (height, width), mode="bilinear", align_corners=False)
+                masks = (logits[:, 0] > 0).cpu().numpy()
+            else:
+                masks = np.zeros((0, height, width), bool)
+            results.append(
+                Detections(
+                    phrase,
+                    masks,
+                    boxes.cpu().numpy().astype(np.float32).reshape(-1, 4),
+                    scores[i, idx].cpu().numpy().astype(np.float32),
+                )
+            )
+        return results
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _looks_like_bad_checkpoint(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (EOFError, OSError)) or any(
+        marker in text
+        for marker in ("PytorchStreamReader", "failed finding central directory", "invalid load key", "Weights only")
+    )
+
+
+def _init_random_text_tensors(model: Any) -> None:
+    """FOR RANDOM-WEIGHT RUNS ONLY (benchmarks, tests; ``segment.sam3.random_weights``).
+
+    sam3 0.1.4 creates the text encoder's ``positional_embedding`` (32×1024) and ``text_projection``
+    (1024×512) with ``torch.empty`` and relies on the checkpoint to fill them; without one their garbage/NaN
+    content makes every output NaN (sam3.md §8). Fill them with small normal values, CLIP-style.
+    """
+    import torch
+
+    encoder = model.backbone.language_backbone.encoder
+    with torch.no_grad():
+        torch.nn.init.normal_(encoder.positional_embedding, std=0.01)
+        projection = encoder.text_projection
+        if isinstance(projection, torch.nn.Parameter):
+            torch.nn.init.normal_(projection, std=encoder.width**-0.5)
