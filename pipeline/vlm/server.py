@@ -40,10 +40,12 @@ from pipeline.errors import EnvNotFound, ServiceNotReady
 from pipeline.proc import spawn, stop_process_group, tail_lines
 
 __all__ = [
+    "STOP_GRACE_S",
     "Probe",
     "ManagedServer",
     "MemoryBudget",
     "vllm_argv",
+    "format_argv",
     "root_url",
     "api_key",
     "probe",
