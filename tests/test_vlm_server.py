@@ -261,3 +261,11 @@ def test_the_server_receives_the_whole_argv(fake_env, tmp_path):
     assert f"served=test-model port={config.vlm.port}" in text  # the double parsed the flags it needs
     assert "'--enforce-eager'" in text.split("ignored=")[1]  # extra_args reached the server
     assert json.dumps({"image": 4, "video": 0}, separators=(",", ":")) in text
+
+
+def test_docs_show_the_command_the_tool_runs():
+    from pipeline.config import load_config
+    from pipeline.vlm.server import format_argv
+
+    command = format_argv(vllm_argv(load_config(), executable=".envs/vllm/bin/vllm"))
+    assert command in (PROJECT_ROOT / "docs" / "vlm.md").read_text()
