@@ -164,3 +164,29 @@ def test_kept_masks_are_the_segmenters_masks(server, tmp_path):
     expected = np.zeros((200, 300), bool)
     expected[20:80, 150:210] = True
     assert np.array_equal(outcome.candidates[0].mask, expected)
+
+
+def test_segment_worker_query_mode_writes_masks_manifest_and_agent_dir(server, tmp_path):
+    """The worker path the runner uses: run_agent inside SegmentWorker, outputs renamed into the run dir."""
+    import io
+
+    from pipeline.handoff import INPUT_IMAGE
+    from pipeline.stages.protocol import Job, Reporter
+    from pipeline.stages.segment import SegmentWorker
+
+    run_dir = tmp_path / "run"
+    (run_dir / INPUT_IMAGE).parent.mkdir(parents=True)
+    _image().save(run_dir / INPUT_IMAGE)
+    config = _config().model_copy(
+        update={"segment": _config().segment.model_copy(update={"backend": "tests.doubles.segmenters:ColorBlobSegmenterDouble"})}
+    )
+    server.load_script([{"content": {"phrases": ["blue box"], "reason": "blue"}}, {"content": _keep([1], "blue box")}])
+    worker = SegmentWorker(config)
+    job = Job(id="j", run_dir=str(run_dir), fingerprint="sha256:test", params={"mode": "query", "query": "the blue box", "vlm_url": server.url})
+    summary = worker.run(job, Reporter(io.StringIO()))
+    assert summary["objects"] == 1 and worker.segmenter.encodings == 1
+    manifest = json.loads((run_dir / "masks" / "manifest.json").read_text())
+    assert manifest["mode"] == "query" and manifest["prompts"] == ["blue box"]
+    assert manifest["objects"][0]["decision"] == "blue box 1"
+    assert (run_dir / "agent" / "transcript.json").exists() and (run_dir / "agent" / "overlay_round1.png").exists()
+    assert not (run_dir / "agent.partial").exists()
