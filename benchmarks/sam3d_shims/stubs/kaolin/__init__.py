@@ -1,0 +1,1 @@
+"""Stub of ``kaolin`` for random-weight GPU runs only (see ../../README.md)."""
