@@ -190,3 +190,17 @@ def test_segment_worker_query_mode_writes_masks_manifest_and_agent_dir(server, t
     assert manifest["objects"][0]["decision"] == "blue box 1"
     assert (run_dir / "agent" / "transcript.json").exists() and (run_dir / "agent" / "overlay_round1.png").exists()
     assert not (run_dir / "agent.partial").exists()
+
+
+def test_api_key_is_sent_but_never_written(tmp_path, monkeypatch):
+    secret = "sk-agent-test-1a2b3c4d"
+    monkeypatch.setenv("AGENT_TEST_KEY", secret)
+    with start_test_server(api_key=secret, log_dir=tmp_path) as keyed:
+        keyed.load_script([{"content": {"phrases": ["blue box"], "reason": "blue"}}, {"content": _keep([1])}])
+        config = _config()
+        config = config.model_copy(update={"vlm": config.vlm.model_copy(update={"api_key_env": "AGENT_TEST_KEY"})})
+        outcome, _, _ = _run(keyed, tmp_path, config)  # the keyed double answers 401 without the right key
+        assert len(outcome.candidates) == 1
+        assert secret not in keyed.log_path.read_text()
+    for path in (tmp_path / "agent").iterdir():
+        assert secret.encode() not in path.read_bytes()
