@@ -1,0 +1,61 @@
+"""``run_agent_with_vllm.sh --image IMG --query ...`` end to end: the script starts the (fake) vLLM server in
+its env, the segment worker runs the agent against it, and the server is stopped afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import PROJECT_ROOT, draw_scene
+from tests.doubles.vllm_server import free_port, write_fake_vllm_env
+
+
+def _server_processes(port: int) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "tests.doubles.vllm_server" in cmd and str(port) in cmd:
+                found.append(cmd)
+    return found
+
+
+def test_agent_script_with_a_managed_server(tmp_path: Path) -> None:
+    image = draw_scene(tmp_path / "scene.png")
+    port = free_port()
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps([
+        {"content": {"phrases": ["red box"], "reason": "the query asks for red boxes"}, "reasoning": "look for red"},
+        {"content": {"decision": "keep", "keep": [{"id": 2, "reason": "the smaller red box"}], "new_phrases": [], "reason": "done"}},
+    ]))
+    config = {
+        "envs": {"vllm": {"kind": "venv", "prefix": str(write_fake_vllm_env(tmp_path / "vllm-env"))}, "sam3": {"kind": "current"}},
+        "segment": {"backend": "tests.doubles.segmenters:ColorBlobSegmenterDouble"},
+        "vlm": {"port": port, "served_name": "test-model", "ready_timeout_s": 60, "variables": {"VLLM_DOUBLE_SCRIPT": str(script)}},
+    }
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [str(PROJECT_ROOT / "run_agent_with_vllm.sh"), "--image", str(image), "--query", "the smaller red box",
+         "--config", str(cfg), "--out", str(out)],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "PIPELINE_PYTHON": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "masks/manifest.json").read_text())
+    assert manifest["mode"] == "query" and manifest["query"] == "the smaller red box"
+    assert len(manifest["objects"]) == 1 and manifest["objects"][0]["decision"] == "the smaller red box"
+    assert manifest["objects"][0]["area"] < 600  # the 21×26 box, not the 31×31 one
+    transcript = json.loads((out / "agent/transcript.json").read_text())
+    assert len(transcript["requests"]) == 2
+    assert (out / "logs/vlm.log").exists()
+    assert not (out / "objects").exists(), "the agent script runs the 2D stage only"
+    assert _server_processes(port) == [], "the managed server must be stopped after the stage"
