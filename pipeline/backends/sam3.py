@@ -35,10 +35,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from pipeline.config import SegmentConfig
 
-__all__ = ["Sam3Segmenter", "MAX_PHRASES_PER_PASS", "TEXT_CACHE_SIZE"]
+__all__ = ["Sam3Segmenter", "MAX_PHRASES_PER_PASS", "TEXT_CACHE_SIZE", "UPSAMPLE_CHUNK"]
 
 RESOLUTION = 1008  # fixed by the model: position tables and RoPE are built for 72×72 patches of 14 px
 MAX_PHRASES_PER_PASS = 16  # phrases decoded together; bounds activation memory (each is one 200-query batch row)
+UPSAMPLE_CHUNK = 16  # masks upsampled at once: 16 × H × W fp32 (100 MB at 1440×1080)
 TEXT_CACHE_SIZE = 512  # encoded phrases kept (each ~32×256 + 32×1024 floats)
 _TEXT_KEYS = ("language_features", "language_embeds")  # sequence-first: (32, B, C)
 
@@ -211,12 +212,11 @@ class Sam3Segmenter(Segmenter):
                 idx = idx[scores[i, idx].argsort(descending=True)]
             cx, cy, w, h = out["pred_boxes"][i, idx].float().unbind(-1)
             boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1) * scale
-            logits = out["pred_masks"][i, idx].unsqueeze(1).float()
-            if idx.numel():
-                logits = torch.nn.functional.interpolate(logits, (height, width), mode="bilinear", align_corners=False)
-                masks = (logits[:, 0] > 0).cpu().numpy()
-            else:
-                masks = np.zeros((0, height, width), bool)
+            masks = np.zeros((len(idx), height, width), bool)
+            for start in range(0, len(idx), UPSAMPLE_CHUNK):  # chunks bound the fp32 H×W temporaries
+                low = out["pred_masks"][i, idx[start : start + UPSAMPLE_CHUNK]].unsqueeze(1).float()
+                full = torch.nn.functional.interpolate(low, (height, width), mode="bilinear", align_corners=False)
+                masks[start : start + len(low)] = (full[:, 0] > 0).cpu().numpy()
             results.append(
                 Detections(
                     phrase,
