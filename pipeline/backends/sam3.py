@@ -93,15 +93,20 @@ class Sam3Segmenter(Segmenter):
                 f"cannot import sam3 in this env ({exc})",
                 hint="recreate the env from envs/sam3.yml (python -m pipeline envs create sam3)",
             ) from exc
+        def build() -> Any:
+            return build_sam3_image_model(
+                bpe_path=str(bpe),
+                device="cuda" if self.is_cuda else "cpu",
+                checkpoint_path=None if checkpoint is None else str(checkpoint),
+                load_from_HF=False,
+                compile=cfg.compile,
+            )
+
         with build_patches:
             try:
-                model = build_sam3_image_model(
-                    bpe_path=str(bpe),
-                    device="cuda" if self.is_cuda else "cpu",
-                    checkpoint_path=None if checkpoint is None else str(checkpoint),
-                    load_from_HF=False,
-                    compile=cfg.compile,
-                )
+                # On GPU, allocate (and randomly initialise) the 840 M parameters on the device directly
+                # instead of on CPU followed by model.cuda(): the CPU init dominated the build time.
+                model = _build_on_device(build, self.device) if self.is_cuda else build()
             except (RuntimeError, EOFError, OSError, ValueError) as exc:
                 if checkpoint is not None and _looks_like_bad_checkpoint(exc):
                     raise checkpoint_load_error(exc, checkpoint, from_hub=from_hub) from exc
@@ -229,6 +234,24 @@ class Sam3Segmenter(Segmenter):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _build_on_device(build: Any, device: torch.device) -> Any:
+    """``build()`` with ``device`` as torch's default device; if some constructor cannot run there, build
+    again the upstream way (on CPU, then ``.cuda()``) and say so on stderr."""
+    import sys
+
+    import torch
+
+    try:
+        with torch.device(device):
+            return build()
+    except (RuntimeError, TypeError) as exc:
+        if "checkpoint" in str(exc).lower():
+            raise
+        print(f"sam3: building on {device} directly failed ({type(exc).__name__}: {exc}); building on CPU first",
+              file=sys.stderr)
+        return build()
 
 
 def _looks_like_bad_checkpoint(exc: BaseException) -> bool:
