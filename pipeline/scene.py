@@ -290,10 +290,14 @@ def _splat(points: np.ndarray, colours: np.ndarray, size: int) -> np.ndarray:
 
 
 def _preview_tiles(gaussians: GaussianSet, frame: str) -> list[np.ndarray]:
-    alpha = 1.0 / (1.0 + np.exp(-gaussians.opacity.astype(np.float64)))
-    keep = alpha > 0.2
+    finite = np.isfinite(gaussians.xyz).all(axis=1) & np.isfinite(gaussians.f_dc).all(axis=1)
+    with np.errstate(over="ignore"):
+        alpha = 1.0 / (1.0 + np.exp(-gaussians.opacity.astype(np.float64)))
+    keep = finite & (alpha > 0.2)
     if not keep.any():
-        keep = np.ones_like(keep)
+        keep = finite
+    if not keep.any():
+        raise ValueError("scene.ply has no Gaussian with finite position and colour")
     points = gaussians.xyz[keep].astype(np.float64) @ frame_matrix(frame)  # back to PyTorch3D camera axes
     colours = np.clip((0.5 + _SH_C0 * gaussians.f_dc[keep]) * 255.0, 0, 255).astype(np.uint8)
     if len(points) > _MAX_POINTS:

@@ -214,3 +214,13 @@ def test_preview_png_is_written_quickly(tmp_path):
 def test_preview_without_scene_ply_returns_a_note(tmp_path):
     note = render_preview(tmp_path, frame="opencv")
     assert note and "skipped" in note
+
+
+def test_preview_ignores_non_finite_gaussians(tmp_path):
+    rec, _ = _object(13)
+    rec.gaussians.xyz[0] = np.nan
+    rec.gaussians.f_dc[1] = np.inf
+    compose_scene([rec], tmp_path, frame="opengl")
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error")
+        assert render_preview(tmp_path, frame="opengl") is None

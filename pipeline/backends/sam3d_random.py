@@ -55,7 +55,8 @@ def _patch_dino(node: Any) -> None:
 
     if isinstance(node, DictConfig):
         if str(node.get("_target_", "")).endswith("embedder.dino.Dino"):
-            kwargs = OmegaConf.to_container(node.get("backbone_kwargs") or {})
+            existing = node.get("backbone_kwargs")
+            kwargs = OmegaConf.to_container(existing) if isinstance(existing, DictConfig) else {}
             kwargs["pretrained"] = False
             node.backbone_kwargs = kwargs
             hub = os.environ.get("SAM3D_DINOV2_HUB")
