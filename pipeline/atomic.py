@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["sha256_file", "sha256_bytes", "write_bytes_atomic", "write_json_atomic", "write_with", "replace_dir"]
+__all__ = ["sha256_file", "sha256_bytes", "write_bytes_atomic", "write_json_atomic", "write_with", "fresh_dir", "replace_dir"]
 
 _CHUNK = 1 << 20
 
@@ -62,6 +62,14 @@ def write_json_atomic(path: Path, payload: Any) -> Path:
     """Write ``payload`` (JSON-serialisable) as indented UTF-8 JSON, atomically."""
     text = json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
     return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty staging directory at ``path`` (whatever a killed worker left there is removed first)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
 
 
 def replace_dir(staging: Path, final: Path) -> None:

@@ -204,7 +204,9 @@ class Runner:
     def plan(self, req: RunRequest) -> list[Decision]:
         """Predict every stage's decision without touching anything (``--dry-run``)."""
         validate_request(req)
-        image_sha, _ = self._image_sha(req)
+        return self._plan(req, self._image_sha(req)[0])
+
+    def _plan(self, req: RunRequest, image_sha: str) -> list[Decision]:
         decisions: list[Decision] = []
         upstream: str | None = None
         for stage in req.stages:
@@ -214,7 +216,7 @@ class Runner:
                 upstream = stage
         return decisions
 
-    def _preflight(self, req: RunRequest, png: bytes | None) -> None:
+    def _preflight(self, req: RunRequest, image_sha: str, png: bytes | None) -> None:
         """Fail before anything is written if an input is bad or a stage that will run has no env."""
         if req.masks_dir is not None:
             from PIL import Image
@@ -225,7 +227,7 @@ class Runner:
                 raise UsageError("--masks needs --image (the image the masks were made from)")
             with Image.open(io.BytesIO(png)) as img:
                 check_masks(req.masks_dir, img.size)
-        for d in self.plan(req):
+        for d in self._plan(req, image_sha):
             if not d.runs:
                 continue
             section = self.config.stage(d.stage)
@@ -243,8 +245,9 @@ class Runner:
         """Run (or skip) each requested stage in order; raises StageFailed on the first failure."""
         if req.dry_run:
             return RunOutcome(req.run_dir, [StageOutcome(d) for d in self.plan(req)])
+        validate_request(req)
         image_sha, png = self._image_sha(req)
-        self._preflight(req, png)
+        self._preflight(req, image_sha, png)
         outcomes: list[StageOutcome] = []
         with run_lock(req.run_dir):
             record = self._open_record(req, png)

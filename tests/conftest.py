@@ -34,6 +34,20 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+def processes_matching(*needles: str) -> list[int]:
+    """PIDs of live processes whose command line contains every one of ``needles``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if cmdline and all(n in cmdline for n in needles):
+                pids.append(int(entry.name))
+    return pids
+
+
 def draw_scene(path: Path, size: tuple[int, int] = (96, 64)) -> Path:
     """Two red boxes and a blue disc on grey: the colour-blob segmenter double finds 3 objects."""
     image = Image.new("RGB", size, (40, 40, 40))

@@ -11,21 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import PROJECT_ROOT, draw_scene
+from tests.conftest import PROJECT_ROOT, draw_scene, processes_matching
 from tests.doubles.vllm_server import free_port, write_fake_vllm_env
-
-
-def _server_processes(port: int) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "tests.doubles.vllm_server" in cmd and str(port) in cmd:
-                found.append(cmd)
-    return found
 
 
 def test_agent_script_with_a_managed_server(tmp_path: Path) -> None:
@@ -58,4 +45,4 @@ def test_agent_script_with_a_managed_server(tmp_path: Path) -> None:
     assert len(transcript["requests"]) == 2
     assert (out / "logs/vlm.log").exists()
     assert not (out / "objects").exists(), "the agent script runs the 2D stage only"
-    assert _server_processes(port) == [], "the managed server must be stopped after the stage"
+    assert processes_matching("tests.doubles.vllm_server", str(port)) == [], "the managed server must be stopped after the stage"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import PROJECT_ROOT, draw_scene, run_cli
+from tests.conftest import PROJECT_ROOT, draw_scene, processes_matching, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -112,19 +112,6 @@ def test_full_chain_writes_the_handoff_contract(venv_config: Path, tmp_path: Pat
     assert "segment: run (masks/001.png is missing)" in dry.stdout
 
 
-def _worker_pids(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "pipeline.stages.reconstruct" in cmdline and marker in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 def test_sigkilled_stage_leaves_no_manifest_and_a_rerun_completes(venv_config: Path, tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -137,7 +124,7 @@ def test_sigkilled_stage_leaves_no_manifest_and_a_rerun_completes(venv_config: P
     deadline = time.monotonic() + 120
     pids: list[int] = []
     while time.monotonic() < deadline and not pids:
-        pids = _worker_pids(str(run_dir))
+        pids = processes_matching("pipeline.stages.reconstruct", str(run_dir))
         time.sleep(0.1)
     assert pids, "the reconstruct worker never started"
     time.sleep(0.5)

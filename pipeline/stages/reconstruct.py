@@ -9,7 +9,6 @@ Per-image work (the pointmap) is done once and shared by every object. Writes
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.atomic import replace_dir, sha256_file
+from pipeline.atomic import fresh_dir, replace_dir, sha256_file
 from pipeline.backends import load_backend_class
 from pipeline.backends.base import ObjectReconstruction, Reconstructor
 from pipeline.config import PipelineConfig
@@ -40,12 +39,6 @@ from pipeline.stages.protocol import Job, Reporter, worker_main
 
 __all__ = ["ReconstructWorker"]
 
-
-def _fresh_dir(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
 
 
 def _records(run_dir: Path, folder: Path) -> list:
@@ -76,8 +69,8 @@ class ReconstructWorker:
         t0 = time.perf_counter()
         context = self.reconstructor.prepare(image)
         timings["prepare_s"] = time.perf_counter() - t0
-        objects_staging = _fresh_dir(run_dir / f"{OBJECTS_DIR}.partial")
-        scene_staging = _fresh_dir(run_dir / f"{SCENE_DIR}.partial")
+        objects_staging = fresh_dir(run_dir / f"{OBJECTS_DIR}.partial")
+        scene_staging = fresh_dir(run_dir / f"{SCENE_DIR}.partial")
         results: list[tuple[int, Any, ObjectReconstruction]] = []
         notes: list[str] = []
         total = len(masks.objects)

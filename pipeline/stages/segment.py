@@ -13,14 +13,13 @@ built in ``<name>.partial`` directories and renamed into place, so a killed work
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from pipeline.atomic import replace_dir, sha256_file
+from pipeline.atomic import fresh_dir, replace_dir, sha256_file
 from pipeline.backends import load_backend_class
 from pipeline.backends.base import Segmenter
 from pipeline.config import PipelineConfig
@@ -44,12 +43,6 @@ __all__ = ["SegmentWorker", "write_masks"]
 NO_MATCH = "no object matches"
 
 
-def _fresh_dir(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
-
 
 def write_masks(
     run_dir: Path,
@@ -66,7 +59,7 @@ def write_masks(
     image_path = run_dir / INPUT_IMAGE
     with Image.open(image_path) as img:
         width, height = img.size
-    staging = _fresh_dir(run_dir / f"{MASKS_DIR}.partial")
+    staging = fresh_dir(run_dir / f"{MASKS_DIR}.partial")
     objects = []
     for i, cand in enumerate(candidates):
         name = f"{i:03d}.png"
@@ -145,7 +138,7 @@ class SegmentWorker:
             from pipeline.vlm.agent import run_agent  # the agent needs openai: only imported in query mode
 
             query = job.params["query"]
-            staging = _fresh_dir(run_dir / f"{AGENT_DIR}.partial")
+            staging = fresh_dir(run_dir / f"{AGENT_DIR}.partial")
             t0 = time.perf_counter()
             outcome = run_agent(
                 self.segmenter,
