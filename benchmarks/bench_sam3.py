@@ -65,7 +65,7 @@ def bench_in_process(args: argparse.Namespace, images: dict[str, Any]) -> dict[s
 
     from pipeline.backends.sam3 import Sam3Segmenter
     from pipeline.config import Sam3Config, SegmentConfig
-    from pipeline.postprocess import select_objects
+    from pipeline.stages.postprocess import select_objects
 
     t_import = time.perf_counter() - t0
     torch.manual_seed(0)

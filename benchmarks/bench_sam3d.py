@@ -77,7 +77,7 @@ def stage_run(config: PipelineConfig, run_dir: Path, n_objects: int) -> dict:
 
     from pipeline import proc
     from pipeline.handoff import INPUT_IMAGE, MANIFEST_NAME, OBJECTS_DIR, ObjectsManifest, load_manifest
-    from pipeline.postprocess import Candidate
+    from pipeline.stages.postprocess import Candidate
     from pipeline.stages.segment import write_masks
 
     (run_dir / "input").mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""``python -m pipeline``: see :mod:`pipeline.cli`."""
+"""``python -m pipeline``: see :mod:`pipeline.driver.cli`."""
 
-from pipeline.cli import main
+from pipeline.driver.cli import main
 
 raise SystemExit(main())

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from pipeline.config import STAGE_NAMES, PipelineConfig, load_config
 from pipeline.handoff import MANIFEST_NAME, MASKS_DIR, OBJECTS_DIR, SCENE_DIR, MaskManifest, ObjectsManifest, load_manifest
-from pipeline.runner import RunRequest, Runner, validate_request
+from pipeline.driver.runner import RunRequest, Runner, validate_request
 
 __all__ = ["Pipeline", "RunResult", "ObjectFiles", "default_run_dir", "collect_result"]
 

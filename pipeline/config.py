@@ -8,6 +8,7 @@ The resolved config is saved into every run (``run.json``) and is part of each s
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -143,6 +144,10 @@ class VLMConfig(_Section):
     temperature: float = 0.6
     top_p: float = 0.95
     retries: int = Field(2, ge=0)
+
+    def api_key(self) -> str | None:
+        """The key from the environment variable named by ``api_key_env`` (None when unset or empty)."""
+        return (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
 
 
 class AgentConfig(_Section):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.frames import (
+from pipeline.stages.frames import (
     FRAMES,
     Z_UP_FROM_Y_UP,
     frame_matrix,

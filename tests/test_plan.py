@@ -7,7 +7,7 @@ from pathlib import Path
 from pipeline.atomic import sha256_file
 from pipeline.errors import ManifestError
 from pipeline.handoff import FileRecord
-from pipeline.plan import RecordedOutputs, decide
+from pipeline.driver.plan import RecordedOutputs, decide
 
 
 def _recorded(tmp_path: Path, fp: str = "sha256:a") -> RecordedOutputs:

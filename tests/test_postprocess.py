@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.backends.base import Detections
-from pipeline.postprocess import Candidate, mask_bbox, mask_iou, select_objects
+from pipeline.stages.postprocess import Candidate, mask_bbox, mask_iou, select_objects
 
 H, W = 40, 60
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.proc import child_environment, run_command, spawn, stop_process_group
+from pipeline.driver.proc import child_environment, run_command, spawn, stop_process_group
 
 
 def test_child_environment_scrubs_and_orders(monkeypatch) -> None:

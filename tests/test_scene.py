@@ -11,9 +11,9 @@ import trimesh
 from plyfile import PlyData
 
 from pipeline.backends.base import GaussianSet, ObjectReconstruction
-from pipeline.frames import FRAMES, frame_matrix, quat_to_matrix
+from pipeline.stages.frames import FRAMES, frame_matrix, quat_to_matrix
 from pipeline.handoff import Pose
-from pipeline.scene import (
+from pipeline.stages.scene import (
     PLY_FIELDS,
     compose_scene,
     posed_gaussians,

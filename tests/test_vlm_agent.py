@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import VLMError
-from pipeline.vlm.agent import run_agent
+from pipeline.stages.agent.loop import run_agent
 from tests.doubles.segmenters import ColorBlobSegmenterDouble
 from tests.doubles.vllm_server import start_test_server
 

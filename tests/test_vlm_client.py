@@ -9,8 +9,8 @@ from PIL import Image
 
 from pipeline.config import PipelineConfig, VLMConfig
 from pipeline.errors import VLMError
-from pipeline.vlm.client import VLMClient, encode_image, parse_answer, split_reasoning
-from pipeline.vlm.prompts import ProposeAnswer, ReviewAnswer
+from pipeline.stages.agent.client import VLMClient, encode_image, parse_answer, split_reasoning
+from pipeline.stages.agent.prompts import ProposeAnswer, ReviewAnswer
 from tests.doubles.vllm_server import start_test_server
 
 ANSWER = {"phrases": ["red square"], "reason": "the request names a red square"}

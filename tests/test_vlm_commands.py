@@ -14,9 +14,9 @@ import pytest
 
 from pipeline.config import PROJECT_ROOT, PipelineConfig
 from pipeline.errors import UsageError
-from pipeline.proc import child_environment, spawn, stop_process_group
-from pipeline.vlm.commands import add_vlm_commands, group_alive, state_path
-from pipeline.vlm.server import vlm_service
+from pipeline.driver.proc import child_environment, spawn, stop_process_group
+from pipeline.driver.vlm_commands import add_vlm_commands, group_alive, state_path
+from pipeline.driver.vlm_server import vlm_service
 from tests.doubles.vllm_server import free_port, write_fake_vllm_env
 
 

@@ -18,8 +18,8 @@ import pytest
 
 from pipeline.config import PROJECT_ROOT, PipelineConfig
 from pipeline.errors import EnvNotFound, ServiceNotReady
-from pipeline.proc import child_environment, spawn, stop_process_group
-from pipeline.vlm.server import memory_budget, probe, vllm_argv, vlm_service
+from pipeline.driver.proc import child_environment, spawn, stop_process_group
+from pipeline.driver.vlm_server import memory_budget, probe, vllm_argv, vlm_service
 from tests.doubles.vllm_server import CRASH_MESSAGE, free_port, start_test_server, write_fake_vllm_env
 
 
@@ -149,7 +149,7 @@ def test_a_busy_port_is_reported_before_anything_starts(fake_env, tmp_path):
 
 def test_a_child_that_cannot_bind_exits_and_is_reported(fake_env, tmp_path, monkeypatch):
     # The pre-check can race with another process taking the port; then vLLM itself fails to bind.
-    import pipeline.vlm.server as server
+    import pipeline.driver.vlm_server as server
 
     monkeypatch.setattr(server, "_check_port", lambda config, found: None)
     with socket.socket() as squatter:
@@ -228,7 +228,7 @@ def test_ctrl_c_during_startup_leaves_no_child(fake_env, tmp_path):
     driver_code = (
         "import sys; from pathlib import Path\n"
         "from pipeline.config import PipelineConfig\n"
-        "from pipeline.vlm.server import vlm_service\n"
+        "from pipeline.driver.vlm_server import vlm_service\n"
         "config = PipelineConfig.model_validate_json(Path(sys.argv[1]).read_text())\n"
         "with vlm_service(config, log_path=Path(sys.argv[2])):\n"
         "    raise SystemExit('became ready: unexpected')\n"
@@ -265,7 +265,7 @@ def test_the_server_receives_the_whole_argv(fake_env, tmp_path):
 
 def test_docs_show_the_command_the_tool_runs():
     from pipeline.config import load_config
-    from pipeline.vlm.server import format_argv
+    from pipeline.driver.vlm_server import format_argv
 
     command = format_argv(vllm_argv(load_config(), executable=".envs/vllm/bin/vllm"))
     assert command in (PROJECT_ROOT / "docs" / "vlm.md").read_text()

@@ -10,7 +10,7 @@ seen before (the agent re-asks often) skips the text encoder. On GPU every call 
 
 Outputs per phrase (:class:`~pipeline.backends.base.Detections`): detections whose score
 ``sigmoid(logit) · sigmoid(presence)`` is at least ``segment.threshold`` (the same threshold
-:func:`~pipeline.postprocess.select_objects` applies; filtering here keeps full-resolution masks of the
+:func:`~pipeline.stages.postprocess.select_objects` applies; filtering here keeps full-resolution masks of the
 ~200 rejected queries off the host), masks upsampled bilinearly from 288×288 logits to the input H×W and
 cut at logit 0, boxes XYXY in input pixels.
 """

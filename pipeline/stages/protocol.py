@@ -1,4 +1,4 @@
-"""The stage-worker protocol, shared by the driver (``pipeline.runner``) and the workers.
+"""The stage-worker protocol, shared by the driver (``pipeline.driver.runner``) and the workers.
 
 A worker is started as ``<env python> -u -m pipeline.stages.<stage> --config <run>/config.json`` and
 then reads **jobs** as JSON lines on stdin (or from ``--jobs FILE``) until EOF. It loads its model once,

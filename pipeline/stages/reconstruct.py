@@ -57,7 +57,7 @@ class ReconstructWorker:
 
     def run(self, job: Job, reporter: Reporter) -> dict[str, Any]:
         """Reconstruct every object of one run; returns ``{"objects": N, "timings": {...}}``."""
-        from pipeline.scene import compose_scene, render_preview, write_object_files
+        from pipeline.stages.scene import compose_scene, render_preview, write_object_files
 
         cfg = self.config.reconstruct
         run_dir = Path(job.run_dir)

@@ -35,7 +35,7 @@ from pipeline.handoff import (
     write_manifest,
 )
 from pipeline.images import write_mask
-from pipeline.postprocess import Candidate, select_objects
+from pipeline.stages.postprocess import Candidate, select_objects
 from pipeline.stages.protocol import Job, Reporter, worker_main
 
 __all__ = ["SegmentWorker", "write_masks"]
@@ -135,7 +135,7 @@ class SegmentWorker:
             )
             query = None
         else:
-            from pipeline.vlm.agent import run_agent  # the agent needs openai: only imported in query mode
+            from pipeline.stages.agent.loop import run_agent  # the agent needs openai: only imported in query mode
 
             query = job.params["query"]
             staging = fresh_dir(run_dir / f"{AGENT_DIR}.partial")

@@ -284,7 +284,7 @@ class TestServer:
             resp.read()
 
     def stop(self) -> None:
-        from pipeline.proc import stop_process_group
+        from pipeline.driver.proc import stop_process_group
 
         stop_process_group(self.proc, grace_s=5.0)
 
@@ -306,7 +306,7 @@ def start_test_server(
 ) -> TestServer:
     """Start the double in its own process group and wait until /health answers."""
     from pipeline.config import PROJECT_ROOT
-    from pipeline.proc import child_environment, spawn, stop_process_group, tail_lines
+    from pipeline.driver.proc import child_environment, spawn, stop_process_group, tail_lines
 
     port = port or free_port()
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="vllm-double-"))

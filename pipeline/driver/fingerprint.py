@@ -17,13 +17,13 @@ from pipeline.backends import backend_source
 
 __all__ = ["EXCLUDED_KEYS", "canonical_json", "fingerprint", "code_version", "section_params"]
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # pipeline/
 # Keys of a stage's config section that only say *where* or *how visibly* to run, not *what* to compute.
 EXCLUDED_KEYS = frozenset({"env", "variables", "device", "preview"})
 
 _STAGE_SOURCES: dict[str, tuple[str, ...]] = {
-    "segment": ("stages/segment.py", "postprocess.py", "images.py", "vlm/agent.py", "vlm/prompts.py", "vlm/client.py"),
-    "reconstruct": ("stages/reconstruct.py", "scene.py", "frames.py", "images.py"),
+    "segment": ("stages/segment.py", "stages/postprocess.py", "images.py", "stages/agent/loop.py", "stages/agent/prompts.py", "stages/agent/client.py"),
+    "reconstruct": ("stages/reconstruct.py", "stages/scene.py", "stages/frames.py", "images.py"),
 }
 
 

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.config import PipelineConfig
-from pipeline.envs import resolve_env
+from pipeline.driver.envs import resolve_env
 from pipeline.errors import EnvNotFound, ServiceNotReady
-from pipeline.proc import spawn, stop_process_group, tail_lines
+from pipeline.driver.proc import spawn, stop_process_group, tail_lines
 
 __all__ = [
     "STOP_GRACE_S",
@@ -47,7 +47,6 @@ __all__ = [
     "vllm_argv",
     "format_argv",
     "root_url",
-    "api_key",
     "probe",
     "memory_budget",
     "start_server",
@@ -163,12 +162,6 @@ def root_url(config: PipelineConfig) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{config.vlm.port}"
-
-
-def api_key(config: PipelineConfig) -> str | None:
-    """The key from the environment variable named by ``vlm.api_key_env`` (None when unset or empty)."""
-    name = config.vlm.api_key_env
-    return (os.environ.get(name) or None) if name else None
 
 
 @dataclass(frozen=True)
@@ -331,7 +324,7 @@ def start_server(config: PipelineConfig, *, log_path: Path) -> ManagedServer:
     The caller owns the returned server and must :meth:`ManagedServer.stop` it.
     """
     vlm = config.vlm
-    key = api_key(config)
+    key = config.vlm.api_key()
     env = resolve_env(config, vlm.env)
     executable = env.bin_dir / "vllm"
     if not executable.exists():
@@ -367,7 +360,7 @@ def start_server(config: PipelineConfig, *, log_path: Path) -> ManagedServer:
 def vlm_service(config: PipelineConfig, *, log_path: Path) -> Iterator[str]:
     """Yield a ready VLM base URL (``…/v1``): external, reused, or started here and stopped on exit."""
     vlm = config.vlm
-    key = api_key(config)
+    key = config.vlm.api_key()
     if vlm.url:
         found = probe(vlm.url, key=key, health=False)
         if not found.serves(vlm.served_name, vlm.model):

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from pipeline.config import STAGE_NAMES, PipelineConfig, load_config
 from pipeline.errors import EXIT_INTERRUPTED, PipelineError, StageFailed, UsageError
-from pipeline.plan import check_stage_names
+from pipeline.driver.plan import check_stage_names
 
 __all__ = ["main", "build_parser"]
 
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_cmd_envs_check)
 
     try:
-        from pipeline.vlm.commands import add_vlm_commands
+        from pipeline.driver.vlm_commands import add_vlm_commands
     except ImportError:  # pragma: no cover - only while the vlm package is absent
         pass
     else:
@@ -113,7 +113,7 @@ def _rerun_args(args: argparse.Namespace) -> tuple[frozenset[str], str | None]:
 
 
 def _cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from pipeline.runner import RunRequest, validate_request
+    from pipeline.driver.runner import RunRequest, validate_request
 
     if args.query is None and not args.prompt:
         raise UsageError("give one of --query TEXT or --prompt TEXT", hint="e.g. --prompt horse, or --query 'the two horses on the left'")
@@ -128,7 +128,7 @@ def _cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 
 def _cmd_reconstruct(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from pipeline.runner import RunRequest
+    from pipeline.driver.runner import RunRequest
 
     force, from_stage = _rerun_args(args)
     if args.masks is not None:
@@ -147,19 +147,19 @@ def _cmd_reconstruct(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 
 def _execute(req, config: PipelineConfig) -> int:  # noqa: ANN001 - RunRequest, imported lazily
-    from pipeline.console import run_with_progress
+    from pipeline.driver.console import run_with_progress
 
     return run_with_progress(req, config)
 
 
 def _cmd_envs_create(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from pipeline.envbuild import create_envs
+    from pipeline.driver.envbuild import create_envs
 
     return create_envs(config, args.names, recreate=args.recreate)
 
 
 def _cmd_envs_check(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from pipeline.envbuild import check_envs
+    from pipeline.driver.envbuild import check_envs
 
     return check_envs(config, args.names)
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from pipeline.atomic import sha256_file, write_bytes_atomic
 from pipeline.errors import InputError
-from pipeline.fingerprint import fingerprint
+from pipeline.driver.fingerprint import fingerprint
 from pipeline.handoff import INPUT_IMAGE, MANIFEST_NAME, MaskManifest, load_manifest
 from pipeline.images import MASK_SUFFIXES, read_mask
-from pipeline.postprocess import Candidate, mask_bbox
+from pipeline.stages.postprocess import Candidate, mask_bbox
 
 __all__ = ["find_mask_files", "check_masks", "import_masks"]
 

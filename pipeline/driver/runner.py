@@ -1,7 +1,7 @@
 """Executes a run: prepares the run directory, plans each stage, runs the workers, records run.json.
 
 Stage order is fixed: ``segment`` (image + phrases or query → masks) then ``reconstruct``
-(masks → 3D). Each stage is planned just before it runs (see :mod:`pipeline.plan`); ``dry_run`` prints
+(masks → 3D). Each stage is planned just before it runs (see :mod:`pipeline.driver.plan`); ``dry_run`` prints
 the plan and touches nothing. A run directory is locked for the whole run.
 """
 
@@ -18,9 +18,9 @@ from typing import Any, Callable, Sequence
 
 from pipeline.atomic import sha256_bytes, sha256_file, write_bytes_atomic, write_json_atomic
 from pipeline.config import STAGE_NAMES, PipelineConfig
-from pipeline.envs import resolve_env
+from pipeline.driver.envs import resolve_env
 from pipeline.errors import InputError, ManifestError, PipelineError, UsageError
-from pipeline.fingerprint import code_version, fingerprint, section_params
+from pipeline.driver.fingerprint import code_version, fingerprint, section_params
 from pipeline.handoff import (
     INPUT_IMAGE,
     LOGS_DIR,
@@ -38,10 +38,10 @@ from pipeline.handoff import (
     now_iso,
 )
 from pipeline.images import normalise_image, open_image
-from pipeline.lock import run_lock
-from pipeline.plan import Decision, RecordedOutputs, decide, stages_from
+from pipeline.driver.lock import run_lock
+from pipeline.driver.plan import Decision, RecordedOutputs, decide, stages_from
 from pipeline.stages.protocol import Job
-from pipeline.workers import WorkerProcess
+from pipeline.driver.workers import WorkerProcess
 
 __all__ = ["RunRequest", "StageOutcome", "RunOutcome", "Runner", "CONFIG_NAME", "input_png"]
 
@@ -221,7 +221,7 @@ class Runner:
         if req.masks_dir is not None:
             from PIL import Image
 
-            from pipeline.importing import check_masks
+            from pipeline.driver.importing import check_masks
 
             if png is None:
                 raise UsageError("--masks needs --image (the image the masks were made from)")
@@ -296,7 +296,7 @@ class Runner:
         return record
 
     def _import(self, req: RunRequest, png: bytes, record: RunRecord) -> None:
-        from pipeline.importing import import_masks
+        from pipeline.driver.importing import import_masks
 
         manifest = import_masks(req.run_dir, req.masks_dir, png)
         record.stages["segment"] = StageRecord(
@@ -338,7 +338,7 @@ class Runner:
         try:
             with ExitStack() as stack:
                 if params.get("mode") == "query":
-                    from pipeline.vlm.server import vlm_service
+                    from pipeline.driver.vlm_server import vlm_service
 
                     params["vlm_url"] = stack.enter_context(
                         vlm_service(self.config, log_path=req.run_dir / LOGS_DIR / "vlm.log")

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping
 
 from pipeline.config import PROJECT_ROOT
-from pipeline.envs import Env
+from pipeline.driver.envs import Env
 from pipeline.errors import StageFailed
-from pipeline.proc import spawn, stop_process_group, tail_lines
+from pipeline.driver.proc import spawn, stop_process_group, tail_lines
 from pipeline.stages.protocol import Job
 
 __all__ = ["WorkerProcess", "ProgressCallback"]

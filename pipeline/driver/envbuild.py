@@ -20,10 +20,10 @@ import yaml
 
 from pipeline.atomic import sha256_file, write_json_atomic
 from pipeline.config import PROJECT_ROOT, PipelineConfig
-from pipeline.envs import ENVS_ROOT, Env, resolve_env
+from pipeline.driver.envs import ENVS_ROOT, Env, resolve_env
 from pipeline.errors import ConfigError, EnvCreateFailed
 from pipeline.handoff import now_iso
-from pipeline.proc import capture_output, child_environment, run_command, tail_lines
+from pipeline.driver.proc import capture_output, child_environment, run_command, tail_lines
 
 __all__ = ["EnvSpec", "read_spec", "create_envs", "check_envs", "stamp_state"]
 

@@ -24,7 +24,7 @@ from typing import Mapping
 
 from pipeline.config import PROJECT_ROOT, EnvConfig, PipelineConfig
 from pipeline.errors import EnvNotFound
-from pipeline.proc import child_environment
+from pipeline.driver.proc import child_environment
 
 __all__ = ["ENVS_ROOT", "Env", "resolve_env", "conda_search_dirs"]
 

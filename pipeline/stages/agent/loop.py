@@ -5,7 +5,7 @@ once and every phrase reuses that encoding. One run:
 
 1. **propose** — the VLM sees the photo and the query and names noun phrases (none: "no object matches").
 2. **segment** — each new phrase goes to ``segmenter.predict``; all detections so far pass through
-   :func:`~pipeline.postprocess.select_objects` (``segment.*`` thresholds) into one numbered candidate list.
+   :func:`~pipeline.stages.postprocess.select_objects` (``segment.*`` thresholds) into one numbered candidate list.
    No candidate at all → back to 1 with the failed phrases listed (this uses up a round).
 3. **review** — the VLM sees the photo and a numbered overlay (``overlay_round<N>.png``) and answers ``keep``
    (which numbers, and why each), ``retry`` (new phrases → step 2) or ``none``.
@@ -28,10 +28,10 @@ from pipeline.atomic import write_json_atomic, write_with
 from pipeline.backends.base import Detections, Segmenter
 from pipeline.config import PipelineConfig
 from pipeline.errors import VLMError
-from pipeline.postprocess import Candidate, select_objects
-from pipeline.vlm.client import VLMClient
-from pipeline.vlm.overlay import render_overlay
-from pipeline.vlm.prompts import (
+from pipeline.stages.postprocess import Candidate, select_objects
+from pipeline.stages.agent.client import VLMClient
+from pipeline.stages.agent.overlay import render_overlay
+from pipeline.stages.agent.prompts import (
     SYSTEM_PROMPT,
     CandidateLine,
     ProposeAnswer,
@@ -39,7 +39,6 @@ from pipeline.vlm.prompts import (
     propose_text,
     review_text,
 )
-from pipeline.vlm.server import api_key
 
 __all__ = ["TRANSCRIPT_NAME", "NO_MATCH", "AgentOutcome", "run_agent"]
 
@@ -289,7 +288,7 @@ def run_agent(
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
-    with VLMClient(vlm_url, config.vlm, api_key=api_key(config), on_attempt=transcript.add_request) as client:
+    with VLMClient(vlm_url, config.vlm, api_key=config.vlm.api_key(), on_attempt=transcript.add_request) as client:
         run = _AgentRun(segmenter, image, query, config, client, transcript, out_dir, progress)
         try:
             outcome = run.run()

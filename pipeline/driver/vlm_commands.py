@@ -7,7 +7,7 @@
 - ``stop`` SIGTERMs the process group recorded by ``serve`` (SIGKILL after a grace period).
 
 ``serve`` records ``{pid, pgid, url, …}`` in ``<run.out_root>/.vlm-server.json`` (its log is
-``<run.out_root>/.vlm-server.log``). Runs need no flag to use the server: :func:`pipeline.vlm.server.vlm_service`
+``<run.out_root>/.vlm-server.log``). Runs need no flag to use the server: :func:`pipeline.driver.vlm_server.vlm_service`
 reuses whatever already serves ``vlm.served_name`` at ``vlm.host:vlm.port``.
 """
 
@@ -23,12 +23,11 @@ from typing import Any
 
 from pipeline.atomic import write_json_atomic
 from pipeline.config import PipelineConfig
-from pipeline.envs import resolve_env
+from pipeline.driver.envs import resolve_env
 from pipeline.errors import ServiceNotReady, UsageError
-from pipeline.proc import tail_lines
-from pipeline.vlm.server import (
+from pipeline.driver.proc import tail_lines
+from pipeline.driver.vlm_server import (
     STOP_GRACE_S,
-    api_key,
     format_argv,
     memory_budget,
     probe,
@@ -124,7 +123,7 @@ def cmd_serve(args: argparse.Namespace, config: PipelineConfig) -> int:
         return 0
     if config.vlm.url:
         raise _external_error(config, "serve")
-    found = probe(root_url(config), key=api_key(config))
+    found = probe(root_url(config), key=config.vlm.api_key())
     if found.healthy and found.serves(config.vlm.served_name):
         print(f"a server already serves {config.vlm.served_name} at {root_url(config)}/v1; nothing started")
         return 0
@@ -185,7 +184,7 @@ def _remove_state(config: PipelineConfig, pgid: int) -> None:
 def cmd_status(args: argparse.Namespace, config: PipelineConfig) -> int:
     """Print what serves the configured model; exit 0 when it answers, 1 when not."""
     vlm = config.vlm
-    key = api_key(config)
+    key = config.vlm.api_key()
     if vlm.url:
         found = probe(vlm.url, key=key, health=False)
         name = found.serves(vlm.served_name, vlm.model)
@@ -237,7 +236,7 @@ def cmd_stop(args: argparse.Namespace, config: PipelineConfig) -> int:
         raise _external_error(config, "stop")
     state = _read_state(config)
     if state is None:
-        found = probe(root_url(config), key=api_key(config))
+        found = probe(root_url(config), key=config.vlm.api_key())
         if found.answered:
             print(
                 f"a server answers at {root_url(config)} but `vlm serve` did not start it "

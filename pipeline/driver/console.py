@@ -6,7 +6,7 @@ import sys
 
 from pipeline.config import PipelineConfig
 from pipeline.handoff import MANIFEST_NAME, MASKS_DIR, OBJECTS_DIR, SCENE_DIR
-from pipeline.runner import RunOutcome, RunRequest, Runner
+from pipeline.driver.runner import RunOutcome, RunRequest, Runner
 
 __all__ = ["run_with_progress", "summarise"]
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.config import VLMConfig
 from pipeline.errors import VLMError
-from pipeline.vlm.prompts import json_schema_format, retry_note
+from pipeline.stages.agent.prompts import json_schema_format, retry_note
 
 __all__ = [
     "DUMMY_API_KEY",
