@@ -183,7 +183,7 @@ def test_segment_worker_query_mode_writes_masks_manifest_and_agent_dir(server, t
     server.load_script([{"content": {"phrases": ["blue box"], "reason": "blue"}}, {"content": _keep([1], "blue box")}])
     worker = SegmentWorker(config)
     job = Job(id="j", run_dir=str(run_dir), fingerprint="sha256:test", params={"mode": "query", "query": "the blue box", "vlm_url": server.url})
-    summary = worker.run(job, Reporter(io.StringIO()))
+    summary = worker.run(job, config, Reporter(io.StringIO()))
     assert summary["objects"] == 1 and worker.segmenter.encodings == 1
     manifest = json.loads((run_dir / "masks" / "manifest.json").read_text())
     assert manifest["mode"] == "query" and manifest["prompts"] == ["blue box"]

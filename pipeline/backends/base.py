@@ -60,6 +60,13 @@ class Segmenter(ABC):
     def predict(self, phrases: Sequence[str]) -> list[Detections]:
         """One :class:`Detections` per phrase, in order, for the image last given to ``set_image``."""
 
+    def prefetch(self, images: Sequence[Image.Image]) -> None:
+        """A hint that ``set_image`` will soon be called with each of ``images`` (RGB, any sizes).
+
+        A backend may encode them together (one batched encoder pass) and let ``set_image`` reuse the result;
+        results must equal the one-image path. The default does nothing.
+        """
+
 
 @dataclass
 class GaussianSet:

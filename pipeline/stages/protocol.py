@@ -1,8 +1,13 @@
 """The stage-worker protocol, shared by the driver (``pipeline.driver.runner``) and the workers.
 
-A worker is started as ``<env python> -u -m pipeline.stages.<stage> --config <run>/config.json`` and
-then reads **jobs** as JSON lines on stdin (or from ``--jobs FILE``) until EOF. It loads its model once,
-before the first job, and writes **events** as JSON lines on its stdout:
+A worker is started as ``<env python> -u -m pipeline.stages.<stage> --config FILE`` and then reads **jobs**
+as JSON lines on stdin (or from ``--jobs FILE``) until EOF. ``FILE`` is the config the model is built from,
+once, before the first job. Each job may name its run's own config (``config``: the run's ``config.json``),
+whose request-level keys (thresholds, seeds, frame, agent settings) the job then uses; the driver starts a new
+worker when a run needs a different model (see :func:`pipeline.driver.workers.load_key`). A line may also be
+``{"group": [job, job, ...]}``: jobs the worker may prepare together (e.g. one batched image encoder pass)
+before running each; every job still gets its own events. The worker writes **events** as JSON lines on its
+stdout:
 
     {"event": "ready", "pid": 123, "load_s": 7.4}
     {"event": "started", "job": "j1"}
@@ -10,10 +15,12 @@ before the first job, and writes **events** as JSON lines on its stdout:
     {"event": "done", "job": "j1", "result": {...}, "timings": {"total_s": 3.2}}
     {"event": "error", "job": "j1" | null, "message": "...", "hint": "...", "kind": "BackendError"}
 
-Everything else the worker or its libraries print (Python or C level) goes to stderr, which the driver
-writes to ``<run>/logs/<stage>.log``: at start the worker moves the real stdout to a private descriptor and
-points descriptor 1 at stderr. Exit code: 0 if every job succeeded, 1 otherwise. One worker can serve
-many jobs, so a batch mode can keep one warm worker per env.
+Everything else the worker or its libraries print (Python or C level) goes to stderr: at start the worker
+moves the real stdout to a private descriptor and points descriptor 1 at stderr. While a job that names a
+``log`` file runs, descriptors 1 and 2 are pointed at that file (``<run>/logs/<stage>.log``), so each run
+keeps the full output of its own job; between jobs they go to the worker's own log. Exit code: 0 if every
+job succeeded, 1 otherwise. The worker exits within a second of its driver's death (it watches its parent
+pid), so a killed driver never leaves a worker computing on its own.
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Literal, Protocol
 
@@ -44,6 +54,8 @@ class Job(BaseModel):
     run_dir: str
     fingerprint: str
     params: dict[str, Any] = Field(default_factory=dict)
+    config: str | None = None  # the run's resolved config (JSON); None: the worker's own
+    log: str | None = None  # the run's log for this stage; None: the worker's own stderr
 
 
 class Event(BaseModel):
@@ -72,9 +84,13 @@ class Reporter:
 
 
 class StageWorker(Protocol):
-    """What a stage module provides: built once from the config, then ``run`` per job."""
+    """What a stage module provides: built once from the config, then ``run`` per job.
 
-    def run(self, job: Job, reporter: Reporter) -> dict[str, Any]:
+    ``run`` receives the job's config (the run's own, or the worker's when the job names none). A worker may
+    also define ``prepare_group(jobs, configs)``, called once before the jobs of a group run.
+    """
+
+    def run(self, job: Job, config: PipelineConfig, reporter: Reporter) -> dict[str, Any]:
         """Do one job, write its outputs, return a JSON-serialisable summary."""
 
 
@@ -87,10 +103,65 @@ def _take_event_channel() -> IO[str]:
     return os.fdopen(private, "w", buffering=1, encoding="utf-8")
 
 
-def _jobs(source: IO[str]) -> Iterator[Job]:
+def _groups(source: IO[str]) -> Iterator[list[Job]]:
+    """Each input line as a list of jobs: one for a plain job line, several for ``{"group": [...]}``."""
     for line in source:
-        if line.strip():
-            yield Job.model_validate_json(line)
+        if not line.strip():
+            continue
+        data = json.loads(line)
+        items = data["group"] if isinstance(data, dict) and "group" in data else [data]
+        yield [Job.model_validate(item) for item in items]
+
+
+def _job_config(job: Job, default: PipelineConfig) -> PipelineConfig:
+    if job.config is None:
+        return default
+    return PipelineConfig.model_validate_json(Path(job.config).read_text(encoding="utf-8"))
+
+
+@contextmanager
+def _output_to(log: str | None) -> Iterator[None]:
+    """Point descriptors 1 and 2 at ``log`` (appending) for the block; a no-op for None."""
+    if log is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
+def _watch_parent(interval_s: float = 0.2) -> None:
+    """Kill this worker's process group as soon as its parent (the driver) is gone.
+
+    Two layers: the kernel's parent-death signal (Linux ``prctl``; SIGKILL as soon as the parent dies) and a
+    thread that polls the parent pid, for platforms without ``prctl`` and for grandchildren in the group.
+    """
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    if os.getppid() == parent and parent != 1:
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _error_fields(exc: BaseException) -> dict[str, Any]:
@@ -105,6 +176,7 @@ def worker_main(stage: str, build: Callable[[PipelineConfig], StageWorker], argv
     parser.add_argument("--config", required=True, type=Path, help="resolved config (JSON) of the run")
     parser.add_argument("--jobs", type=Path, help="file of JSON-line jobs (default: stdin)")
     args = parser.parse_args(argv)
+    _watch_parent()
     reporter = Reporter(_take_event_channel())
     config = PipelineConfig.model_validate_json(args.config.read_text(encoding="utf-8"))
     t0 = time.perf_counter()
@@ -118,17 +190,42 @@ def worker_main(stage: str, build: Callable[[PipelineConfig], StageWorker], argv
     ok = True
     source = open(args.jobs, encoding="utf-8") if args.jobs else sys.stdin
     with source:
-        for job in _jobs(source):
-            reporter.emit("started", job.id)
-            t_job = time.perf_counter()
-            try:
-                result = worker.run(job, reporter)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - one failed job must not hide the others
-                traceback.print_exc()
-                reporter.emit("error", job.id, **_error_fields(exc))
-                ok = False
-                continue
-            reporter.emit("done", job.id, result=result, timings={"total_s": round(time.perf_counter() - t_job, 3)})
+        for group in _groups(source):
+            ok = _serve_group(worker, group, config, reporter) and ok
     return 0 if ok else 1
+
+
+def _serve_group(worker: StageWorker, group: list[Job], default: PipelineConfig, reporter: Reporter) -> bool:
+    """Run the jobs of one input line; True when all succeeded. A failed job never stops the others."""
+    configs: dict[str, PipelineConfig] = {}
+    failed: set[str] = set()
+    for job in group:
+        try:
+            configs[job.id] = _job_config(job, default)
+        except (OSError, ValueError) as exc:
+            reporter.emit("error", job.id, message=f"cannot read the job's config {job.config}: {exc}", hint=None, kind="InputError")
+            failed.add(job.id)
+    prepare = getattr(worker, "prepare_group", None)
+    if prepare is not None and len(configs) > 1:
+        try:
+            prepare([j for j in group if j.id in configs], configs)
+        except Exception:  # noqa: BLE001 - preparing is an optimisation: each job then does its own work
+            traceback.print_exc()
+    for job in group:
+        if job.id in failed:
+            continue
+        reporter.emit("started", job.id)
+        t_job = time.perf_counter()
+        try:
+            with _output_to(job.log):
+                result = worker.run(job, configs[job.id], reporter)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - one failed job must not hide the others
+            with _output_to(job.log):
+                traceback.print_exc()
+            reporter.emit("error", job.id, **_error_fields(exc))
+            failed.add(job.id)
+            continue
+        reporter.emit("done", job.id, result=result, timings={"total_s": round(time.perf_counter() - t_job, 3)})
+    return not failed

@@ -55,11 +55,15 @@ class ReconstructWorker:
             raise InputError(f"reconstruct backend {config.reconstruct.backend!r} is not a Reconstructor subclass")
         self.reconstructor: Reconstructor = cls(config.reconstruct)
 
-    def run(self, job: Job, reporter: Reporter) -> dict[str, Any]:
-        """Reconstruct every object of one run; returns ``{"objects": N, "timings": {...}}``."""
+    def run(self, job: Job, config: PipelineConfig, reporter: Reporter) -> dict[str, Any]:
+        """Reconstruct every object of one run; returns ``{"objects": N, "timings": {...}}``.
+
+        Request-level keys (seed, frame, preview, export_obj) come from ``config``, the run's own; the models
+        are the ones this worker was built with.
+        """
         from pipeline.stages.scene import compose_scene, render_preview, write_object_files
 
-        cfg = self.config.reconstruct
+        cfg = config.reconstruct
         run_dir = Path(job.run_dir)
         masks_manifest_path = run_dir / MASKS_DIR / MANIFEST_NAME
         masks = load_manifest(masks_manifest_path, MaskManifest)

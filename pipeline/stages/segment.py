@@ -95,6 +95,15 @@ def write_masks(
     return manifest
 
 
+def _read_image(run_dir: Path) -> Image.Image:
+    """The run's stored input image (RGB), or an InputError naming the missing file."""
+    image_path = run_dir / INPUT_IMAGE
+    if not image_path.exists():
+        raise InputError(f"{image_path} is missing", hint="rerun the whole pipeline so the input is copied")
+    with Image.open(image_path) as img:
+        return img.convert("RGB")
+
+
 class SegmentWorker:
     """Holds one segmentation backend (model loaded once) and serves segmentation jobs."""
 
@@ -105,16 +114,20 @@ class SegmentWorker:
             raise InputError(f"segment backend {config.segment.backend!r} is not a Segmenter subclass")
         self.segmenter: Segmenter = cls(config.segment)
 
-    def run(self, job: Job, reporter: Reporter) -> dict[str, Any]:
-        """Segment one run's input image; returns ``{"objects": N, "timings": {...}}``."""
+    def prepare_group(self, jobs: list[Job], configs: dict[str, PipelineConfig]) -> None:
+        """Hand the group's images to the backend together (one batched encoder pass where it can)."""
+        self.segmenter.prefetch([_read_image(Path(job.run_dir)) for job in jobs])
+
+    def run(self, job: Job, config: PipelineConfig, reporter: Reporter) -> dict[str, Any]:
+        """Segment one run's input image; returns ``{"objects": N, "timings": {...}}``.
+
+        Request-level keys (threshold, min_area_px, dedup_iou, max_objects, the agent and VLM sampling
+        settings) come from ``config``, the run's own; the model is the one this worker was built with.
+        """
         run_dir = Path(job.run_dir)
-        image_path = run_dir / INPUT_IMAGE
-        if not image_path.exists():
-            raise InputError(f"{image_path} is missing", hint="rerun the whole pipeline so the input is copied")
-        seg = self.config.segment
+        seg = config.segment
         timings: dict[str, float] = {}
-        with Image.open(image_path) as img:
-            image = img.convert("RGB")
+        image = _read_image(run_dir)
         t0 = time.perf_counter()
         self.segmenter.set_image(image)
         timings["set_image_s"] = time.perf_counter() - t0
@@ -144,7 +157,7 @@ class SegmentWorker:
                 self.segmenter,
                 image,
                 query,
-                config=self.config,
+                config=config,
                 vlm_url=job.params["vlm_url"],
                 out_dir=staging,
                 progress=lambda done, total, msg: reporter.progress(job.id, done, total, msg),
