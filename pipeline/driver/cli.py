@@ -105,6 +105,13 @@ def default_run_dir(config: PipelineConfig, image: Path, key: str) -> Path:
     return _default(config, image, key)
 
 
+def run_key(query: str | None, prompts: Sequence[str]) -> str:
+    """See :func:`pipeline.api.run_key`."""
+    from pipeline.api import run_key as _key
+
+    return _key(query, prompts)
+
+
 def _rerun_args(args: argparse.Namespace) -> tuple[frozenset[str], str | None]:
     check_stage_names(args.force, "--force")
     if args.from_stage:
@@ -119,8 +126,7 @@ def _cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
         raise UsageError("give one of --query TEXT or --prompt TEXT", hint="e.g. --prompt horse, or --query 'the two horses on the left'")
     prompts = _split_prompts(args.prompt)
     force, from_stage = _rerun_args(args)
-    key = f"query:{args.query}" if args.query is not None else "prompt:" + "\n".join(prompts)
-    run_dir = args.out or default_run_dir(config, args.image, key)
+    run_dir = args.out or default_run_dir(config, args.image, run_key(args.query, prompts))
     req = RunRequest(run_dir=Path(run_dir), stages=args.stages, image=args.image, query=args.query,
                      prompts=prompts, force=force, from_stage=from_stage, dry_run=args.dry_run)
     validate_request(req)
