@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline run|segment|reconstruct|envs|vlm``.
+"""Command line: ``python -m pipeline run|segment|reconstruct|batch|envs|vlm``.
 
 This module only parses arguments, builds requests and maps errors to exit codes
 (0 ok, 1 stage failure, 2 usage/config/input error, 130 interrupted). Tracebacks only with ``--debug``.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from pipeline.config import STAGE_NAMES, PipelineConfig, load_config
 from pipeline.errors import EXIT_INTERRUPTED, PipelineError, StageFailed, UsageError
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--out", type=Path, help="run directory to create (with --masks)")
     _add_rerun_flags(rec)
     rec.set_defaults(handler=_cmd_reconstruct, stages=("reconstruct",))
+
+    _add_batch_command(sub, common)
 
     envs = sub.add_parser("envs", help="create or check the stage envs")
     envs_sub = envs.add_subparsers(dest="envs_command", required=True, metavar="ACTION")
@@ -156,6 +158,35 @@ def _execute(req, config: PipelineConfig) -> int:  # noqa: ANN001 - RunRequest, 
     from pipeline.driver.console import run_with_progress
 
     return run_with_progress(req, config)
+
+
+def _add_batch_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    batch = sub.add_parser("batch", parents=[common], help="many images through warm workers, one run directory each")
+    src = batch.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", metavar="DIR|GLOB|FILE", help="image folders, globs ('photos/*.jpg') or files")
+    src.add_argument("--list", type=Path, metavar="FILE", dest="list_file",
+                     help="JSONL or CSV: per line image, query or prompt, optional out and options (see README)")
+    group = batch.add_mutually_exclusive_group()
+    group.add_argument("--query", help="the query for every image (lines of --list may carry their own)")
+    group.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="phrase(s) for every image (repeatable; commas split)")
+    batch.add_argument("--out", type=Path, required=True, metavar="ROOT", help="batch root: one run directory per image under it")
+    batch.add_argument("--stages", default=",".join(STAGE_NAMES), help=f"comma-separated stages to run (default: {','.join(STAGE_NAMES)})")
+    batch.add_argument("--summary", type=Path, metavar="FILE", help="where to write the summary (default: ROOT/batch.json)")
+    _add_rerun_flags(batch)
+    batch.set_defaults(handler=_cmd_batch)
+
+
+def _cmd_batch(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from pipeline.driver.batch import SUMMARY_NAME, read_items, run_batch
+
+    force, from_stage = _rerun_args(args)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    check_stage_names(stages, "--stages")
+    items = read_items(images=args.images or (), list_file=args.list_file, query=args.query,
+                       prompts=_split_prompts(args.prompt), out_root=args.out)
+    summary = args.summary or args.out / SUMMARY_NAME
+    return run_batch(config, items, stages=tuple(s for s in STAGE_NAMES if s in stages), force=force,
+                     from_stage=from_stage, summary_path=summary, dry_run=args.dry_run)
 
 
 def _cmd_envs_create(args: argparse.Namespace, config: PipelineConfig) -> int:

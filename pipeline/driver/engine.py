@@ -37,7 +37,6 @@ from pipeline.driver.runner import ActiveRun, RunOutcome, RunRequest, Runner, St
 from pipeline.driver.workers import JobOutcome, WorkerProcess, load_key
 from pipeline.errors import PipelineError, RunCancelled, StageFailed, UsageError
 from pipeline.handoff import LOGS_DIR
-from pipeline.images import open_image
 from pipeline.stages.protocol import Job
 
 __all__ = ["Engine", "RunHandle", "EngineEvent", "EventKind", "RunState"]
@@ -287,6 +286,7 @@ class _Lane:
     def close_worker(self) -> None:
         if self.worker is not None:
             self.worker.close(graceful=self.worker.alive())
+            self.worker.config_path.unlink(missing_ok=True)
             self.worker = None
             self.state = "not started"
 
@@ -373,6 +373,9 @@ class Engine:
             if not h.done():
                 self._finish(h, cancelled=True)
         self._stack.close()
+        if not any(h.state == "failed" for h in self._handles.values()):  # keep worker logs only when useful
+            for log in (self.state_dir / LOGS_DIR).glob(f"*-{os.getpid()}.log"):
+                log.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ runs
 
@@ -385,8 +388,6 @@ class Engine:
         self.start()
         config = req.config or self.config
         validate_request(req)
-        if req.image is not None:
-            open_image(req.image).close()
         stages = [s for s in STAGE_NAMES if s in req.stages]
         if not stages:
             raise UsageError("the request names no stage", hint=f"stages are: {', '.join(STAGE_NAMES)}")
