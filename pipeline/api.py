@@ -1,17 +1,32 @@
-"""Python API: ``Pipeline.from_config(...).run(image, query=... | prompt=...)`` → :class:`RunResult`."""
+"""Python API.
+
+One run::
+
+    Pipeline.from_config().run("photo.jpg", query="the red mug")            # → RunResult
+
+Many runs with the models kept loaded (the workers and the vLLM server stay up until the block ends)::
+
+    with Pipeline.from_config(overrides=["segment.threshold=0.4"]) as p:
+        a = p.run("a.jpg", prompt="horse")
+        results = p.batch(["b.jpg", "c.jpg"], prompt="horse")                # list[RunResult | PipelineError]
+
+Outside a ``with`` block each ``run`` starts and stops its own workers.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from pipeline.config import STAGE_NAMES, PipelineConfig, load_config
+from pipeline.driver.engine import Engine
+from pipeline.driver.runner import RunOutcome, RunRequest, validate_request
+from pipeline.errors import PipelineError
 from pipeline.handoff import MANIFEST_NAME, MASKS_DIR, OBJECTS_DIR, SCENE_DIR, MaskManifest, ObjectsManifest, load_manifest
-from pipeline.driver.runner import RunRequest, Runner, validate_request
 
-__all__ = ["Pipeline", "RunResult", "ObjectFiles", "default_run_dir", "collect_result"]
+__all__ = ["Pipeline", "RunResult", "ObjectFiles", "default_run_dir", "collect_result", "run_key"]
 
 
 @dataclass(frozen=True)
@@ -36,17 +51,32 @@ class RunResult:
 
 
 class Pipeline:
-    """A resolved config plus the means to run it. Build with :meth:`from_config`."""
+    """A resolved config plus the means to run it. Build with :meth:`from_config`; use ``with`` to keep it warm."""
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
+        self._engine: Engine | None = None
 
     @classmethod
     def from_config(cls, path: str | Path | None = None, overrides: Sequence[str] = ()) -> "Pipeline":
         """Defaults, then the YAML file ``path`` (optional), then ``overrides`` (``"section.key=value"``)."""
         return cls(load_config(Path(path) if path else None, overrides))
 
-    def run(
+    def __enter__(self) -> "Pipeline":
+        self._engine = Engine(self.config)
+        self._engine.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every worker and server this pipeline started."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def request(
         self,
         image: str | Path,
         *,
@@ -55,25 +85,58 @@ class Pipeline:
         out: str | Path | None = None,
         stages: Sequence[str] = STAGE_NAMES,
         force: Sequence[str] = (),
-    ) -> RunResult:
-        """Run the stages on one image; raises a PipelineError subclass on bad input or a failed stage."""
+    ) -> RunRequest:
+        """The run request for one image (raises UsageError on a contradictory or empty query/prompt)."""
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt or ())
-        key = f"query:{query}" if query is not None else "prompt:" + "\n".join(prompts)
-        run_dir = Path(out) if out else default_run_dir(self.config, Path(image), key)
+        run_dir = Path(out) if out else default_run_dir(self.config, Path(image), run_key(query, prompts))
         req = RunRequest(run_dir=run_dir, stages=tuple(stages), image=Path(image), query=query,
                          prompts=prompts, force=frozenset(force))
         validate_request(req)
-        outcome = Runner(self.config, say=lambda _msg: None).execute(req)
-        timings = {s.decision.stage: round(s.duration_s, 3) for s in outcome.stages}
-        decisions = {s.decision.stage: f"{s.decision.action} ({s.decision.reason})" for s in outcome.stages}
-        return collect_result(run_dir, timings, decisions)
+        return req
 
+    def run(self, image: str | Path, **kwargs: Any) -> RunResult:
+        """Run the stages on one image (keywords as :meth:`request`); raises a PipelineError on bad input or a
+        failed stage."""
+        req = self.request(image, **kwargs)
+        if self._engine is not None:
+            return _result(self._engine.run(req))
+        with Engine(self.config) as engine:
+            return _result(engine.run(req))
+
+    def batch(self, images: Sequence[str | Path], **kwargs: Any) -> list[RunResult | PipelineError]:
+        """Run many images with the same query or prompt, overlapping the stages; one result or error each, in
+        the order given. A failed image does not stop the others."""
+        requests = [self.request(image, **kwargs) for image in images]
+        engine = self._engine or Engine(self.config)
+        try:
+            handles = [engine.submit(r) for r in requests]
+            out: list[RunResult | PipelineError] = []
+            for h in handles:
+                try:
+                    out.append(_result(h.wait()))
+                except PipelineError as exc:
+                    out.append(exc)
+            return out
+        finally:
+            if self._engine is None:
+                engine.close()
+
+
+def run_key(query: str | None, prompts: Sequence[str]) -> str:
+    """The request part of a default run directory's hash."""
+    return f"query:{query}" if query is not None else "prompt:" + "\n".join(prompts)
 
 
 def default_run_dir(config: PipelineConfig, image: Path, key: str) -> Path:
     """``<out_root>/<image stem>-<8 hex>``: the same image and request always map to the same run dir."""
     digest = hashlib.sha256(f"{Path(image).resolve()}\n{key}".encode()).hexdigest()[:8]
     return Path(config.run.out_root) / f"{Path(image).stem}-{digest}"
+
+
+def _result(outcome: RunOutcome) -> RunResult:
+    timings = {s.decision.stage: round(s.duration_s, 3) for s in outcome.stages}
+    decisions = {s.decision.stage: f"{s.decision.action} ({s.decision.reason})" for s in outcome.stages}
+    return collect_result(outcome.run_dir, timings, decisions)
 
 
 def collect_result(run_dir: Path, timings: dict[str, float], decisions: dict[str, str]) -> RunResult:

@@ -29,8 +29,10 @@ __all__ = [
     "VLMConfig",
     "AgentConfig",
     "RunConfig",
+    "EngineConfig",
     "PipelineConfig",
     "load_config",
+    "apply_overrides",
     "parse_set_flags",
 ]
 
@@ -163,6 +165,23 @@ class RunConfig(_Section):
     out_root: Path = Path("outputs")
 
 
+class EngineConfig(_Section):
+    """The warm engine: worker lifetimes, time limits, grouping and the GPU memory check (docs/engine.md)."""
+
+    state_dir: Path | None = None  # child records + worker logs; None: $XDG_STATE_HOME/image-to-3d
+    stage_timeout_s: float = Field(3600.0, gt=0)  # one stage of one run; past it the worker is killed, restarted
+    max_restarts: int = Field(2, ge=0)  # consecutive failed worker starts before a stage stops trying
+    segment_group: int = Field(4, ge=1)  # waiting images sent to the segment worker together
+    check_gpu_memory: bool = True  # refuse to start when the stages sharing a GPU cannot fit on it
+
+    def resolved_state_dir(self) -> Path:
+        """``state_dir``, or the per-user default under ``$XDG_STATE_HOME`` (``~/.local/state``)."""
+        if self.state_dir is not None:
+            return Path(self.state_dir).expanduser()
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "image-to-3d"
+
+
 class PipelineConfig(_Section):
     """The whole resolved configuration."""
 
@@ -178,6 +197,7 @@ class PipelineConfig(_Section):
     reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
     vlm: VLMConfig = Field(default_factory=VLMConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
 
     def stage(self, name: str) -> SegmentConfig | ReconstructConfig:
         """The config section of stage ``name`` (``segment`` or ``reconstruct``)."""
@@ -291,6 +311,19 @@ def load_config(
         _merge(merged, _read_yaml(Path(config_file)), str(config_file), origins)
     if overrides:
         _merge(merged, parse_set_flags(overrides), "--set", origins)
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise _config_error(exc, origins) from None
+
+
+def apply_overrides(config: PipelineConfig, overrides: Sequence[str], *, origin: str = "--set") -> PipelineConfig:
+    """``config`` with ``overrides`` (``"section.key=value"``, as ``--set``) applied, validated strictly."""
+    if not overrides:
+        return config
+    merged = config.model_dump(mode="json")
+    origins: dict[str, str] = {}
+    _merge(merged, parse_set_flags(overrides), origin, origins)
     try:
         return PipelineConfig.model_validate(merged)
     except ValidationError as exc:

@@ -22,6 +22,7 @@ __all__ = [
     "BackendError",
     "ServiceNotReady",
     "VLMError",
+    "RunCancelled",
 ]
 
 EXIT_STAGE_FAILED = 1
@@ -115,3 +116,9 @@ class ServiceNotReady(PipelineError):
 
 class VLMError(PipelineError):
     """The VLM gave no usable answer within the retry budget, or the endpoint refused the request."""
+
+
+class RunCancelled(PipelineError):
+    """A run was cancelled, or the engine stopped, while one of its stages ran; that worker was stopped."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -36,6 +36,7 @@ def venv_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "segment": {"env": "seg-test", "backend": "tests.doubles.segmenters:ColorBlobSegmenterDouble"},
         "reconstruct": {"env": "rec-test", "backend": "tests.doubles.reconstructors:CubeReconstructorDouble"},
         "run": {"out_root": str(root / "outputs")},
+        "engine": {"state_dir": str(root / "state")},
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -124,7 +125,7 @@ def test_sigkilled_stage_leaves_no_manifest_and_a_rerun_completes(venv_config: P
     deadline = time.monotonic() + 120
     pids: list[int] = []
     while time.monotonic() < deadline and not pids:
-        pids = processes_matching("pipeline.stages.reconstruct", str(run_dir))
+        pids = processes_matching("pipeline.stages.reconstruct", str(venv_config.parent / "state"))
         time.sleep(0.1)
     assert pids, "the reconstruct worker never started"
     time.sleep(0.5)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline run|segment|reconstruct|envs|vlm``.
+"""Command line: ``python -m pipeline run|segment|reconstruct|batch|envs|vlm``.
 
 This module only parses arguments, builds requests and maps errors to exit codes
 (0 ok, 1 stage failure, 2 usage/config/input error, 130 interrupted). Tracebacks only with ``--debug``.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from pipeline.config import STAGE_NAMES, PipelineConfig, load_config
 from pipeline.errors import EXIT_INTERRUPTED, PipelineError, StageFailed, UsageError
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rerun_flags(rec)
     rec.set_defaults(handler=_cmd_reconstruct, stages=("reconstruct",))
 
+    _add_batch_command(sub, common)
+
     envs = sub.add_parser("envs", help="create or check the stage envs")
     envs_sub = envs.add_subparsers(dest="envs_command", required=True, metavar="ACTION")
     create = envs_sub.add_parser("create", parents=[common], help="build envs from envs/*.yml (conda/mamba/micromamba, else venv + pip)")
@@ -108,6 +110,13 @@ def default_run_dir(config: PipelineConfig, image: Path, key: str) -> Path:
     return _default(config, image, key)
 
 
+def run_key(query: str | None, prompts: Sequence[str]) -> str:
+    """See :func:`pipeline.api.run_key`."""
+    from pipeline.api import run_key as _key
+
+    return _key(query, prompts)
+
+
 def _rerun_args(args: argparse.Namespace) -> tuple[frozenset[str], str | None]:
     check_stage_names(args.force, "--force")
     if args.from_stage:
@@ -122,8 +131,7 @@ def _cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
         raise UsageError("give one of --query TEXT or --prompt TEXT", hint="e.g. --prompt horse, or --query 'the two horses on the left'")
     prompts = _split_prompts(args.prompt)
     force, from_stage = _rerun_args(args)
-    key = f"query:{args.query}" if args.query is not None else "prompt:" + "\n".join(prompts)
-    run_dir = args.out or default_run_dir(config, args.image, key)
+    run_dir = args.out or default_run_dir(config, args.image, run_key(args.query, prompts))
     req = RunRequest(run_dir=Path(run_dir), stages=args.stages, image=args.image, query=args.query,
                      prompts=prompts, force=force, from_stage=from_stage, dry_run=args.dry_run)
     validate_request(req)
@@ -153,6 +161,35 @@ def _execute(req, config: PipelineConfig) -> int:  # noqa: ANN001 - RunRequest, 
     from pipeline.driver.console import run_with_progress
 
     return run_with_progress(req, config)
+
+
+def _add_batch_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    batch = sub.add_parser("batch", parents=[common], help="many images through warm workers, one run directory each")
+    src = batch.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", metavar="DIR|GLOB|FILE", help="image folders, globs ('photos/*.jpg') or files")
+    src.add_argument("--list", type=Path, metavar="FILE", dest="list_file",
+                     help="JSONL or CSV: per line image, query or prompt, optional out and options (see README)")
+    group = batch.add_mutually_exclusive_group()
+    group.add_argument("--query", help="the query for every image (lines of --list may carry their own)")
+    group.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="phrase(s) for every image (repeatable; commas split)")
+    batch.add_argument("--out", type=Path, required=True, metavar="ROOT", help="batch root: one run directory per image under it")
+    batch.add_argument("--stages", default=",".join(STAGE_NAMES), help=f"comma-separated stages to run (default: {','.join(STAGE_NAMES)})")
+    batch.add_argument("--summary", type=Path, metavar="FILE", help="where to write the summary (default: ROOT/batch.json)")
+    _add_rerun_flags(batch)
+    batch.set_defaults(handler=_cmd_batch)
+
+
+def _cmd_batch(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from pipeline.driver.batch import SUMMARY_NAME, read_items, run_batch
+
+    force, from_stage = _rerun_args(args)
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    check_stage_names(stages, "--stages")
+    items = read_items(images=args.images or (), list_file=args.list_file, query=args.query,
+                       prompts=_split_prompts(args.prompt), out_root=args.out)
+    summary = args.summary or args.out / SUMMARY_NAME
+    return run_batch(config, items, stages=tuple(s for s in STAGE_NAMES if s in stages), force=force,
+                     from_stage=from_stage, summary_path=summary, dry_run=args.dry_run)
 
 
 def _cmd_envs_create(args: argparse.Namespace, config: PipelineConfig) -> int:

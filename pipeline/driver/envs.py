@@ -5,7 +5,8 @@ Kinds (``envs.<name>.kind`` in config):
 - ``conda``: a conda/mamba/micromamba env, by ``name`` (looked up in the usual envs directories and in
   ``.envs/``) or by ``prefix``.
 - ``venv``: a virtual environment at ``prefix`` (default ``.envs/<name>``).
-- ``current``: the driver's own interpreter (tests, single-env installs).
+- ``current``: the driver's own interpreter and import path (its ``PYTHONPATH`` is kept; tests, single-env
+  installs, the demo server).
 
 The driver never activates an env and never uses ``conda run`` (it buffers output and drops signals): it runs
 ``<prefix>/bin/python`` by absolute path with an explicit child environment (the env's ``bin`` first on PATH,
@@ -74,9 +75,12 @@ class Env:
             marker = {"CONDA_PREFIX": str(self.prefix), "CONDA_DEFAULT_ENV": self.name}
         elif self.kind == "venv":
             marker = {"VIRTUAL_ENV": str(self.prefix)}
+        pythonpath = [PROJECT_ROOT]
+        if self.kind == "current":  # the driver's interpreter *and* its import path
+            pythonpath += [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         return child_environment(
             bin_dir=self.bin_dir,
-            pythonpath=[PROJECT_ROOT],
+            pythonpath=pythonpath,
             set_vars={**marker, **self.variables, **(extra or {})},
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -46,6 +47,7 @@ def _hash_files(paths: Iterable[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+@lru_cache(maxsize=None)
 def code_version(stage: str, backend: str) -> str:
     """Hash of the stage's worker, its helpers and its backend's source (found without importing it)."""
     files = [PACKAGE_DIR / rel for rel in _STAGE_SOURCES[stage]]

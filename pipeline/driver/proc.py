@@ -4,6 +4,8 @@ Rules: argument lists only (never ``shell=True``); every child gets its own sess
 (``start_new_session=True``) so that stopping it stops everything it started; stopping is SIGTERM to the
 group, a grace period, then SIGKILL. Children get an explicit environment built by :func:`child_environment`.
 Secrets travel only through that environment, never through argv, and argv is what gets logged.
+While a :class:`~pipeline.driver.reaper.ChildGuard` is active, every child started here is registered with it,
+so that it is stopped even if the driver is killed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Mapping, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pipeline.driver.reaper import ChildGuard
 
 __all__ = [
     "SCRUBBED_VARIABLES",
@@ -25,7 +30,22 @@ __all__ = [
     "run_command",
     "tail_lines",
     "capture_output",
+    "push_guard",
+    "pop_guard",
 ]
+
+_guards: list["ChildGuard"] = []  # active guards of this process, innermost last
+
+
+def push_guard(guard: "ChildGuard") -> None:
+    """Make ``guard`` the one that registers children started from now on."""
+    _guards.append(guard)
+
+
+def pop_guard(guard: "ChildGuard") -> None:
+    """Stop registering children with ``guard``."""
+    if guard in _guards:
+        _guards.remove(guard)
 
 # Variables that would make a child interpreter load the wrong packages or the wrong env.
 SCRUBBED_VARIABLES = (
@@ -85,11 +105,13 @@ def spawn(
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
     text: bool = False,
+    guarded: bool = True,
 ) -> subprocess.Popen:
-    """Start ``argv`` in a new session (own process group) with exactly ``env``."""
+    """Start ``argv`` in a new session (own process group) with exactly ``env``; register it with the active
+    child guard unless ``guarded`` is False."""
     if isinstance(argv, str):
         raise TypeError("argv must be a list of arguments, not a string")
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [str(a) for a in argv],
         env=dict(env),
         cwd=str(cwd) if cwd else None,
@@ -100,6 +122,9 @@ def spawn(
         text=text,
         bufsize=1 if text else -1,
     )
+    if guarded and _guards:
+        _guards[-1].watch(proc.pid, Path(str(argv[0])).name + " " + " ".join(str(a) for a in argv[1:4]))
+    return proc
 
 
 def stop_process_group(proc: subprocess.Popen, *, grace_s: float = 10.0) -> int | None:
@@ -117,6 +142,8 @@ def stop_process_group(proc: subprocess.Popen, *, grace_s: float = 10.0) -> int 
             pass
     # The leader may have exited while members of its group live on: always finish the group off.
     _signal_group(pgid, signal.SIGKILL)
+    for guard in _guards:
+        guard.forget(pgid)
     try:
         return proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL

@@ -1,8 +1,9 @@
-"""Executes a run: prepares the run directory, plans each stage, runs the workers, records run.json.
+"""One run's bookkeeping: checks a request, plans each stage, locks the run directory, records ``run.json``.
 
-Stage order is fixed: ``segment`` (image + phrases or query → masks) then ``reconstruct``
-(masks → 3D). Each stage is planned just before it runs (see :mod:`pipeline.driver.plan`); ``dry_run`` prints
-the plan and touches nothing. A run directory is locked for the whole run.
+Stage order is fixed: ``segment`` (image + phrases or query → masks) then ``reconstruct`` (masks → 3D). Each
+stage is planned just before it runs (see :mod:`pipeline.driver.plan`) from the outputs that exist then;
+:meth:`Runner.plan` predicts every decision without touching anything (``--dry-run``). The workers are not
+started here: :mod:`pipeline.driver.engine` owns them and drives an :class:`ActiveRun` through its stages.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import io
 import platform
 import sys
 import time
+import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +43,8 @@ from pipeline.images import normalise_image, open_image
 from pipeline.driver.lock import run_lock
 from pipeline.driver.plan import Decision, RecordedOutputs, decide, stages_from
 from pipeline.stages.protocol import Job
-from pipeline.driver.workers import WorkerProcess
 
-__all__ = ["RunRequest", "StageOutcome", "RunOutcome", "Runner", "CONFIG_NAME", "input_png"]
+__all__ = ["RunRequest", "StageOutcome", "RunOutcome", "Runner", "ActiveRun", "CONFIG_NAME", "input_png", "validate_request"]
 
 CONFIG_NAME = "config.json"
 Reporter = Callable[[str], None]
@@ -62,6 +63,7 @@ class RunRequest:
     from_stage: str | None = None
     dry_run: bool = False
     masks_dir: Path | None = None  # import these masks instead of running the segment stage
+    config: PipelineConfig | None = None  # this request's resolved config; None: the engine's or runner's
 
     @property
     def mode(self) -> str:
@@ -108,10 +110,9 @@ def validate_request(req: RunRequest) -> None:
 class Runner:
     """Runs the stages of one run directory with one resolved config."""
 
-    def __init__(self, config: PipelineConfig, *, say: Reporter = print, progress: Any = None) -> None:
+    def __init__(self, config: PipelineConfig, *, say: Reporter = print) -> None:
         self.config = config
         self.say = say
-        self.progress = progress  # a rich.progress.Progress or None
 
     # ------------------------------------------------------------------ fingerprints and recorded state
 
@@ -239,35 +240,7 @@ class Runner:
                         hint="run the segment stage first, or pass --masks DIR --image IMG",
                     )
 
-    # ------------------------------------------------------------------ execution
-
-    def execute(self, req: RunRequest) -> RunOutcome:
-        """Run (or skip) each requested stage in order; raises StageFailed on the first failure."""
-        if req.dry_run:
-            return RunOutcome(req.run_dir, [StageOutcome(d) for d in self.plan(req)])
-        validate_request(req)
-        image_sha, png = self._image_sha(req)
-        self._preflight(req, image_sha, png)
-        outcomes: list[StageOutcome] = []
-        with run_lock(req.run_dir):
-            record = self._open_record(req, png)
-            if req.masks_dir is not None and png is not None:
-                self._import(req, png, record)
-            write_json_atomic(req.run_dir / CONFIG_NAME, self.config.model_dump(mode="json"))
-            for stage in req.stages:
-                decision = self._decide(stage, req, image_sha)
-                outcome = StageOutcome(decision)
-                outcomes.append(outcome)
-                if not decision.runs:
-                    self.say(f"{stage}: skip ({decision.reason})")
-                    record.stages[stage] = record.stages.get(stage, StageRecord()).model_copy(
-                        update={"status": "skipped", "reason": decision.reason}
-                    )
-                    self._save_record(req.run_dir, record)
-                    continue
-                self.say(f"{stage}: run ({decision.reason})")
-                self._run_stage(stage, req, image_sha, record, outcome)
-        return RunOutcome(req.run_dir, outcomes)
+    # ------------------------------------------------------------------ records
 
     def _open_record(self, req: RunRequest, png: bytes | None) -> RunRecord:
         run_dir = req.run_dir
@@ -311,66 +284,99 @@ class Runner:
         record.updated = now_iso()
         write_json_atomic(run_dir / RUN_RECORD, record.model_dump(mode="json"))
 
-    def _job_params(self, stage: str, req: RunRequest) -> dict[str, Any]:
+    def job_params(self, stage: str, req: RunRequest) -> dict[str, Any]:
         if stage != "segment":
             return {}
         if req.mode == "query":
             return {"mode": "query", "query": req.query}
         return {"mode": "prompt", "prompts": list(req.prompts)}
 
-    def _run_stage(self, stage: str, req: RunRequest, image_sha: str, record: RunRecord, outcome: StageOutcome) -> None:
-        section = self.config.stage(stage)
-        env = resolve_env(self.config, section.env)
-        log_path = req.run_dir / LOGS_DIR / f"{stage}.log"
-        fp = self._stage_fingerprint(stage, req, image_sha)
-        assert fp is not None, "the upstream manifest exists once its stage has run"
-        started = now_iso()
-        record.stages[stage] = StageRecord(status="running", fingerprint=fp, started=started, log=f"{LOGS_DIR}/{stage}.log")
-        self._save_record(req.run_dir, record)
-        t0 = time.perf_counter()
-        params = self._job_params(stage, req)
-        task = self.progress.add_task(stage, total=None) if self.progress is not None else None
+    # ------------------------------------------------------------------ opening a run
 
-        def on_progress(done: int, total: int, message: str) -> None:
-            if self.progress is not None and task is not None:
-                self.progress.update(task, completed=done, total=total or None, description=f"{stage}: {message}")
+    def open(self, req: RunRequest) -> "ActiveRun":
+        """Check the request, lock its run directory and record it; the caller runs the stages and closes it.
 
+        Everything that can be refused (bad image, missing env, masks of the wrong size, a locked directory) is
+        refused here, before anything is written.
+        """
+        if req.dry_run:
+            raise UsageError("a dry run plans only: use Runner.plan()")
+        validate_request(req)
+        image_sha, png = self._image_sha(req)
+        self._preflight(req, image_sha, png)
+        stack = ExitStack()
+        stack.enter_context(run_lock(req.run_dir))
         try:
-            with ExitStack() as stack:
-                if params.get("mode") == "query":
-                    from pipeline.driver.vlm_server import vlm_service
-
-                    params["vlm_url"] = stack.enter_context(
-                        vlm_service(self.config, log_path=req.run_dir / LOGS_DIR / "vlm.log")
-                    )
-                worker = stack.enter_context(
-                    WorkerProcess(
-                        stage,
-                        env,
-                        config_path=req.run_dir / CONFIG_NAME,
-                        log_path=log_path,
-                        variables=dict(section.variables),
-                    )
-                )
-                job = Job(id=f"{req.run_dir.name}:{stage}", run_dir=str(req.run_dir.resolve()), fingerprint=fp, params=params)
-                outcome.result = worker.submit(job, on_progress)
-                outcome.result.setdefault("timings", {})["load_s"] = worker.load_s or 0.0
-        except BaseException as exc:
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else (
-                exc.message if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
-            )
-            _remove_partials(req.run_dir)
-            record.stages[stage] = record.stages[stage].model_copy(
-                update={"status": "failed", "reason": reason, "ended": now_iso(), "duration_s": time.perf_counter() - t0}
-            )
-            self._save_record(req.run_dir, record)
+            record = self._open_record(req, png)
+            if req.masks_dir is not None and png is not None:
+                self._import(req, png, record)
+            write_json_atomic(req.run_dir / CONFIG_NAME, self.config.model_dump(mode="json"))
+        except BaseException:
+            stack.close()
             raise
-        finally:
-            if self.progress is not None and task is not None:
-                self.progress.remove_task(task)
-        outcome.duration_s = time.perf_counter() - t0
-        timings = {k: float(v) for k, v in outcome.result.get("timings", {}).items() if isinstance(v, (int, float))}
-        record.stages[stage] = record.stages[stage].model_copy(
+        return ActiveRun(self, req, record, image_sha, stack)
+
+class ActiveRun:
+    """One open run: its lock is held and its ``run.json`` record kept current, stage by stage.
+
+    The engine drives it: :meth:`decide` each stage, then :meth:`skip` it, or :meth:`begin` it (which gives the
+    worker :class:`~pipeline.stages.protocol.Job`), then :meth:`succeed` or :meth:`fail`; finally :meth:`close`.
+    """
+
+    def __init__(self, runner: Runner, req: RunRequest, record: RunRecord, image_sha: str, lock: ExitStack) -> None:
+        self.runner = runner
+        self.req = req
+        self.record = record
+        self.image_sha = image_sha
+        self._lock = lock
+        self.outcomes: list[StageOutcome] = []
+        self._t0: dict[str, float] = {}
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory."""
+        return self.req.run_dir
+
+    def decide(self, stage: str) -> StageOutcome:
+        """Plan ``stage`` now, from the outputs that exist now; the outcome is kept in :attr:`outcomes`."""
+        outcome = StageOutcome(self.runner._decide(stage, self.req, self.image_sha))
+        self.outcomes.append(outcome)
+        return outcome
+
+    def skip(self, outcome: StageOutcome) -> None:
+        """Record a stage that is up to date."""
+        stage = outcome.decision.stage
+        self.record.stages[stage] = self.record.stages.get(stage, StageRecord()).model_copy(
+            update={"status": "skipped", "reason": outcome.decision.reason}
+        )
+        self._save()
+
+    def begin(self, stage: str, params: dict[str, Any] | None = None) -> Job:
+        """Record the stage as running, start its log and return the job for its worker."""
+        fp = self.runner._stage_fingerprint(stage, self.req, self.image_sha)
+        assert fp is not None, "the upstream manifest exists once its stage has run"
+        log_rel = f"{LOGS_DIR}/{stage}.log"
+        log_path = self.run_dir / log_rel
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.record.stages[stage] = StageRecord(status="running", fingerprint=fp, started=now_iso(), log=log_rel)
+        self._save()
+        self._t0[stage] = time.perf_counter()
+        return Job(
+            id=f"{self.run_dir.name}:{stage}:{uuid.uuid4().hex[:8]}",
+            run_dir=str(self.run_dir.resolve()),
+            fingerprint=fp,
+            params={**self.runner.job_params(stage, self.req), **(params or {})},
+            config=str((self.run_dir / CONFIG_NAME).resolve()),
+            log=str(log_path.resolve()),
+        )
+
+    def succeed(self, outcome: StageOutcome, result: dict[str, Any]) -> None:
+        """Record the worker's result for a stage that ran."""
+        stage = outcome.decision.stage
+        outcome.result = result
+        outcome.duration_s = time.perf_counter() - self._t0.get(stage, time.perf_counter())
+        timings = {k: float(v) for k, v in result.get("timings", {}).items() if isinstance(v, (int, float))}
+        self.record.stages[stage] = self.record.stages[stage].model_copy(
             update={
                 "status": "succeeded",
                 "reason": outcome.decision.reason,
@@ -379,8 +385,29 @@ class Runner:
                 "timings": timings,
             }
         )
-        self._save_record(req.run_dir, record)
-        self.say(f"{stage}: done in {outcome.duration_s:.1f}s ({outcome.result.get('objects', 0)} object(s))")
+        self._save()
+
+    def fail(self, outcome: StageOutcome, reason: str) -> None:
+        """Record a failed (or interrupted) stage and delete the staging directories its worker left."""
+        stage = outcome.decision.stage
+        outcome.duration_s = time.perf_counter() - self._t0.get(stage, time.perf_counter())
+        _remove_partials(self.run_dir)
+        current = self.record.stages.get(stage, StageRecord())
+        self.record.stages[stage] = current.model_copy(
+            update={"status": "failed", "reason": reason, "ended": now_iso(), "duration_s": round(outcome.duration_s, 3)}
+        )
+        self._save()
+
+    def result(self) -> RunOutcome:
+        """Every stage's outcome so far."""
+        return RunOutcome(self.run_dir, list(self.outcomes))
+
+    def close(self) -> None:
+        """Release the run directory's lock."""
+        self._lock.close()
+
+    def _save(self) -> None:
+        self.runner._save_record(self.run_dir, self.record)
 
 
 def _remove_partials(run_dir: Path) -> None:

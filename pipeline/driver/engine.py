@@ -1,0 +1,528 @@
+"""The warm engine: one worker per stage (each in its env) and, in query mode, one vLLM server, kept across runs.
+
+Every way of running the tool goes through it: the one-shot CLI (an engine with one run), ``batch``, the
+Python API's ``with Pipeline...`` block and the web server. A run flows through two **lanes**, one per stage,
+each a thread with a queue and a warm :class:`~pipeline.driver.workers.WorkerProcess`::
+
+    submit ──▶ [segment lane] ──▶ [reconstruct lane] ──▶ done
+                 image i+1          image i               (the lanes overlap)
+
+The segment lane sends waiting images to its worker together (up to ``engine.segment_group``), so the
+backend can encode them in one batched pass. A lane starts its worker on first use, and again when a run needs
+a different model (:func:`~pipeline.driver.workers.load_key`) or after the worker died; a run whose stage
+killed the worker, timed out (``engine.stage_timeout_s``) or was cancelled fails alone, with its log's tail,
+and the engine goes on. After ``engine.max_restarts`` consecutive failed starts a lane stops trying and fails
+its runs at once with the start error. Every child is registered with a
+:class:`~pipeline.driver.reaper.ChildGuard`, so none outlives the driver, even a killed one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+from pipeline.atomic import write_json_atomic
+from pipeline.config import STAGE_NAMES, PipelineConfig
+from pipeline.driver.budget import check_gpu_budget
+from pipeline.driver.envs import resolve_env
+from pipeline.driver.reaper import ChildGuard
+from pipeline.driver.runner import ActiveRun, RunOutcome, RunRequest, Runner, StageOutcome, validate_request
+from pipeline.driver.workers import JobOutcome, WorkerProcess, load_key
+from pipeline.errors import PipelineError, RunCancelled, StageFailed, UsageError
+from pipeline.handoff import LOGS_DIR
+from pipeline.stages.protocol import Job
+
+__all__ = ["Engine", "RunHandle", "EngineEvent", "EventKind", "RunState"]
+
+EventKind = Literal[
+    "queued", "started", "note", "stage_started", "progress", "stage_skipped", "stage_finished",
+    "succeeded", "failed", "cancelled",
+]
+RunState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+_JOIN_S = 30.0
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """Something that happened to a run. ``message`` is what a person reads ("run (forced)", "object 2/5",
+    the error line); ``done``/``total`` count units of a stage (objects, agent rounds)."""
+
+    run: str
+    run_dir: Path
+    kind: EventKind
+    stage: str | None = None
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    time: float = field(default_factory=time.time)
+
+
+class RunHandle:
+    """A submitted run: its state now, and the means to wait for it or cancel it."""
+
+    def __init__(self, engine: "Engine", request: RunRequest, config: PipelineConfig) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.request = request
+        self.config = config
+        self.state: RunState = "queued"
+        self.stage: str | None = None
+        self.error: PipelineError | None = None
+        self.outcome: RunOutcome | None = None
+        self.active: ActiveRun | None = None
+        self.submitted = time.time()
+        self._engine = engine
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory."""
+        return self.request.run_dir
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once :meth:`cancel` was called or the engine is stopping."""
+        return self._cancel.is_set() or self._engine.stopping
+
+    def done(self) -> bool:
+        """True once the run succeeded, failed or was cancelled."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> RunOutcome:
+        """Block until the run ends; return its outcome or raise its error (``TimeoutError`` past ``timeout``)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"run {self.id} still {self.state} after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        assert self.outcome is not None
+        return self.outcome
+
+    def cancel(self) -> bool:
+        """Cancel: a queued run is dropped, a running one has its worker stopped. False if it already ended."""
+        if self.done():
+            return False
+        self._cancel.set()
+        self._engine._drop_if_queued(self)
+        return True
+
+
+class _Lane:
+    """One stage: a queue of runs, a thread that serves it, and the stage's warm worker."""
+
+    def __init__(self, engine: "Engine", stage: str) -> None:
+        self.engine = engine
+        self.stage = stage
+        self.queue: deque[RunHandle] = deque()
+        self.cond = threading.Condition()
+        self.worker: WorkerProcess | None = None
+        self.worker_key: str | None = None
+        self.state = "not started"
+        self.start_failures = 0
+        self.start_error: StageFailed | None = None
+        self.thread = threading.Thread(target=self._serve, name=f"lane-{stage}", daemon=True)
+
+    # ------------------------------------------------------------------ queue
+
+    def put(self, handle: RunHandle) -> None:
+        with self.cond:
+            self.queue.append(handle)
+            self.cond.notify()
+
+    def remove(self, handle: RunHandle) -> bool:
+        with self.cond:
+            if handle in self.queue:
+                self.queue.remove(handle)
+                return True
+        return False
+
+    def _take(self) -> list[RunHandle]:
+        """Wait for runs; return the next one, or for the segment lane up to ``segment_group`` waiting runs."""
+        with self.cond:
+            while not self.queue and not self.engine.closing:
+                self.cond.wait(0.5)
+            if not self.queue:
+                return []
+            limit = self.engine.config.engine.segment_group if self.stage == "segment" else 1
+            taken = [self.queue.popleft()]
+            while self.queue and len(taken) < limit:
+                taken.append(self.queue.popleft())
+            return taken
+
+    def _serve(self) -> None:
+        while True:
+            handles = self._take()
+            if not handles:
+                return
+            try:
+                self._process(handles)
+            except BaseException as exc:  # noqa: BLE001 - a lane must never die silently with runs in it
+                for h in handles:
+                    if not h.done():
+                        self.engine._finish(h, error=_as_pipeline_error(exc, self.stage))
+
+    # ------------------------------------------------------------------ one group of runs
+
+    def _process(self, handles: list[RunHandle]) -> None:
+        ready: list[tuple[RunHandle, StageOutcome]] = []
+        for h in handles:
+            if h.cancel_requested:
+                self.engine._finish(h, cancelled=True)
+                continue
+            try:
+                if h.active is None:
+                    self.engine._start_run(h)
+                outcome = h.active.decide(self.stage)  # type: ignore[union-attr]
+            except PipelineError as exc:
+                self.engine._finish(h, error=exc)
+                continue
+            if outcome.decision.runs:
+                ready.append((h, outcome))
+            else:
+                h.active.skip(outcome)  # type: ignore[union-attr]
+                self.engine._emit(h, "stage_skipped", self.stage, message=f"skip ({outcome.decision.reason})")
+                self.engine._forward(h, self.stage)
+        by_key: dict[str, list[tuple[RunHandle, StageOutcome]]] = {}
+        for h, outcome in ready:
+            by_key.setdefault(load_key(h.config, self.stage), []).append((h, outcome))
+        for group in by_key.values():
+            self._run_group(group)
+
+    def _run_group(self, group: list[tuple[RunHandle, StageOutcome]]) -> None:
+        config = group[0][0].config
+        try:
+            params = self.engine._stage_params(self.stage, [h for h, _ in group])
+            worker = self._worker_for(config)
+        except PipelineError as exc:
+            for h, outcome in group:
+                h.active.fail(outcome, exc.message)  # type: ignore[union-attr]
+                self.engine._finish(h, error=exc)
+            return
+        jobs: list[Job] = []
+        by_job: dict[str, tuple[RunHandle, StageOutcome]] = {}
+        for h, outcome in group:
+            job = h.active.begin(self.stage, params)  # type: ignore[union-attr]
+            _write_log_header(Path(job.log or ""), worker)
+            jobs.append(job)
+            by_job[job.id] = (h, outcome)
+            h.stage = self.stage
+            self.engine._emit(h, "stage_started", self.stage, message=f"run ({outcome.decision.reason})")
+        fresh = worker.jobs_done == 0
+        vlm_from = self.engine._vlm_log_size() if "vlm_url" in params else None
+        self.state = "busy"
+        results = worker.run_group(
+            jobs,
+            lambda jid, done, total, msg: self.engine._emit(by_job[jid][0], "progress", self.stage, done, total, msg),
+            timeout_s=config.engine.stage_timeout_s,
+            cancelled=lambda job: by_job[job.id][0].cancel_requested,
+        )
+        self.state = "idle" if worker.alive() else "not started"
+        if vlm_from is not None:
+            for h, _ in group:
+                if h.request.mode == "query":
+                    self.engine._copy_vlm_log(vlm_from, h.run_dir / LOGS_DIR / "vlm.log")
+        for result in results:
+            h, outcome = by_job[result.job.id]
+            self._record(h, outcome, result, load_s=worker.load_s if fresh else None)
+            fresh = False
+
+    def _record(self, h: RunHandle, outcome: StageOutcome, result: JobOutcome, *, load_s: float | None) -> None:
+        active = h.active
+        assert active is not None
+        if result.error is None:
+            if load_s is not None:
+                result.result.setdefault("timings", {})["load_s"] = load_s
+            active.succeed(outcome, result.result)
+            n = result.result.get("objects", 0)
+            self.engine._emit(h, "stage_finished", self.stage, message=f"done in {outcome.duration_s:.1f}s ({n} object(s))")
+            self.engine._forward(h, self.stage)
+            return
+        cancelled = isinstance(result.error, RunCancelled)
+        active.fail(outcome, "interrupted" if cancelled else result.error.message)
+        self.engine._finish(h, error=None if cancelled else result.error, cancelled=cancelled)
+
+    # ------------------------------------------------------------------ the warm worker
+
+    def _worker_for(self, config: PipelineConfig) -> WorkerProcess:
+        """The lane's worker for ``config``'s model: reused while alive and built from the same key."""
+        key = load_key(config, self.stage)
+        if self.worker is not None and self.worker.alive() and self.worker_key == key:
+            return self.worker
+        self.close_worker()
+        if self.start_failures > config.engine.max_restarts and self.start_error is not None:
+            raise StageFailed(
+                self.stage,
+                f"its worker failed to start {self.start_failures} times; last: {self.start_error.message}",
+                log_path=self.start_error.log_path, tail=self.start_error.tail,
+                hint=self.start_error.hint or "fix the cause shown in the log, then restart the engine",
+            )
+        section = config.stage(self.stage)
+        env = resolve_env(config, section.env)
+        state_dir = self.engine.state_dir
+        config_path = state_dir / f"{self.stage}-{os.getpid()}.json"
+        write_json_atomic(config_path, config.model_dump(mode="json"))
+        worker = WorkerProcess(
+            self.stage, env, config_path=config_path,
+            log_path=state_dir / LOGS_DIR / f"{self.stage}-{os.getpid()}.log", variables=dict(section.variables),
+        )
+        self.state = "loading"
+        try:
+            worker.start()
+        except StageFailed as exc:
+            self.state = "failed"
+            self.start_failures += 1
+            self.start_error = exc
+            raise
+        self.start_failures, self.start_error = 0, None
+        self.worker, self.worker_key, self.state = worker, key, "idle"
+        return worker
+
+    def close_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.close(graceful=self.worker.alive())
+            self.worker.config_path.unlink(missing_ok=True)
+            self.worker = None
+            self.state = "not started"
+
+    def health(self) -> dict[str, Any]:
+        worker = self.worker
+        return {
+            "state": self.state,
+            "pid": worker.pid if worker else None,
+            "load_s": worker.load_s if worker else None,
+            "jobs": worker.jobs_done if worker else 0,
+            "queued": len(self.queue),
+            "start_failures": self.start_failures,
+        }
+
+
+class Engine:
+    """Warm stage workers and the vLLM server, shared by many runs (see the module docstring).
+
+    Use as a context manager; leaving the block stops every child. ``on_event`` is called from the engine's
+    threads: keep it short and thread-safe.
+    """
+
+    def __init__(self, config: PipelineConfig, *, on_event: Callable[[EngineEvent], None] | None = None) -> None:
+        self.config = config
+        self.on_event = on_event
+        self.state_dir = config.engine.resolved_state_dir()
+        self.stopping = False
+        self.closing = False
+        self._lanes = {stage: _Lane(self, stage) for stage in STAGE_NAMES}
+        self._handles: dict[str, RunHandle] = {}
+        self._lock = threading.Lock()
+        self._stack = ExitStack()
+        self._vlm_url: str | None = None
+        self._vlm_lock = threading.Lock()
+        self._started = False
+        self.stale: list[str] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> "Engine":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Check the GPU memory budget, stop children left by killed drivers, start the lanes."""
+        if self._started:
+            return
+        if self.config.engine.check_gpu_memory:
+            check_gpu_budget(self.config, with_vlm=False)
+        (self.state_dir / LOGS_DIR).mkdir(parents=True, exist_ok=True)
+        guard = self._stack.enter_context(ChildGuard(self.state_dir))
+        self.stale = guard.stale
+        for lane in self._lanes.values():
+            lane.thread.start()
+        self._started = True
+
+    def stop(self) -> None:
+        """Take no more runs; cancel queued ones; stop the workers of running ones (marked interrupted)."""
+        self.stopping = True
+        for lane in self._lanes.values():
+            with lane.cond:
+                dropped = list(lane.queue)
+                lane.queue.clear()
+            for h in dropped:
+                self._finish(h, cancelled=True)
+
+    def close(self) -> None:
+        """:meth:`stop`, wait for the lanes, then stop every worker and the vLLM server. Idempotent."""
+        if self.closing:
+            return
+        self.stop()
+        self.closing = True
+        for lane in self._lanes.values():
+            with lane.cond:
+                lane.cond.notify_all()
+            if lane.thread.is_alive():
+                lane.thread.join(_JOIN_S)
+        for lane in self._lanes.values():
+            lane.close_worker()
+        for h in list(self._handles.values()):  # runs a lane could not finish in time
+            if not h.done():
+                self._finish(h, cancelled=True)
+        self._stack.close()
+        if not any(h.state == "failed" for h in self._handles.values()):  # keep worker logs only when useful
+            for log in (self.state_dir / LOGS_DIR).glob(f"*-{os.getpid()}.log"):
+                log.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ runs
+
+    def submit(self, req: RunRequest) -> RunHandle:
+        """Queue a run; bad requests (usage, unreadable image, missing env) are refused here, at once."""
+        if req.dry_run:
+            raise UsageError("the engine runs requests; plan a dry run with Runner(config).plan(request)")
+        if self.stopping or self.closing:
+            raise UsageError("the engine is stopping and takes no more runs")
+        self.start()
+        config = req.config or self.config
+        validate_request(req)
+        stages = [s for s in STAGE_NAMES if s in req.stages]
+        if not stages:
+            raise UsageError("the request names no stage", hint=f"stages are: {', '.join(STAGE_NAMES)}")
+        for stage in stages:
+            resolve_env(config, config.stage(stage).env)
+        handle = RunHandle(self, req, config)
+        with self._lock:
+            self._handles[handle.id] = handle
+        self._emit(handle, "queued")
+        self._lanes[stages[0]].put(handle)
+        return handle
+
+    def run(self, req: RunRequest) -> RunOutcome:
+        """Submit one run and wait for it; raises its error."""
+        return self.submit(req).wait()
+
+    def batch(self, requests: Iterable[RunRequest]) -> Iterator[RunHandle]:
+        """Submit every request, then yield the handles as their runs end (finished order)."""
+        handles = [self.submit(r) for r in requests]
+        pending = list(handles)
+        while pending:
+            for h in [h for h in pending if h.done()]:
+                pending.remove(h)
+                yield h
+            if pending:
+                pending[0]._done.wait(0.05)
+
+    def handle(self, run_id: str) -> RunHandle | None:
+        """The handle of a submitted run, by id."""
+        return self._handles.get(run_id)
+
+    def cancel(self, run_id: str) -> bool:
+        """Cancel a run by id; False if unknown or already ended."""
+        h = self._handles.get(run_id)
+        return h.cancel() if h is not None else False
+
+    def health(self) -> dict[str, Any]:
+        """Each lane's worker state, the VLM server, and how many runs are queued and running."""
+        states = [h.state for h in self._handles.values()]
+        return {
+            "stages": {stage: lane.health() for stage, lane in self._lanes.items()},
+            "vlm": {"state": "up" if self._vlm_url else "not started", "url": self._vlm_url},
+            "queued": states.count("queued"),
+            "running": states.count("running"),
+        }
+
+    # ------------------------------------------------------------------ used by the lanes
+
+    def _start_run(self, h: RunHandle) -> None:
+        h.state = "running"
+        self._emit(h, "started")
+        runner = Runner(h.config, say=lambda msg: self._emit(h, "note", message=msg))
+        h.active = runner.open(h.request)
+
+    def _stage_params(self, stage: str, handles: list[RunHandle]) -> dict[str, Any]:
+        """Extra job params: the VLM endpoint when a segment run is in query mode (the server starts here)."""
+        if stage == "segment" and any(h.request.mode == "query" for h in handles):
+            return {"vlm_url": self._ensure_vlm(handles[0].config)}
+        return {}
+
+    def _ensure_vlm(self, config: PipelineConfig) -> str:
+        with self._vlm_lock:
+            if self._vlm_url is None:
+                from pipeline.driver.vlm_server import vlm_service
+
+                if config.engine.check_gpu_memory and config.vlm.url is None:
+                    check_gpu_budget(config, with_vlm=True)
+                self._vlm_url = self._stack.enter_context(vlm_service(config, log_path=self._vlm_log))
+            return self._vlm_url
+
+    @property
+    def _vlm_log(self) -> Path:
+        return self.state_dir / LOGS_DIR / f"vlm-{os.getpid()}.log"
+
+    def _vlm_log_size(self) -> int:
+        return self._vlm_log.stat().st_size if self._vlm_log.exists() else 0
+
+    def _copy_vlm_log(self, start: int, dest: Path) -> None:
+        """Copy what the managed vLLM server logged since byte ``start`` into a run's ``logs/vlm.log``."""
+        header = f"# vLLM server at {self._vlm_url}; its whole log: {self._vlm_log}\n"
+        data = b""
+        if self._vlm_log.exists():
+            with open(self._vlm_log, "rb") as fh:
+                fh.seek(start)
+                data = fh.read()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(header.encode() + data)
+
+    def _forward(self, h: RunHandle, stage: str) -> None:
+        """Hand a run to the lane of its next requested stage, or finish it."""
+        later = [s for s in STAGE_NAMES[STAGE_NAMES.index(stage) + 1 :] if s in h.request.stages]
+        if later and not h.cancel_requested:
+            self._lanes[later[0]].put(h)
+        elif later:
+            self._finish(h, cancelled=True)
+        else:
+            self._finish(h)
+
+    def _drop_if_queued(self, h: RunHandle) -> None:
+        if any(lane.remove(h) for lane in self._lanes.values()):
+            self._finish(h, cancelled=True)
+
+    def _finish(self, h: RunHandle, *, error: PipelineError | None = None, cancelled: bool = False) -> None:
+        if h.done():
+            return
+        if h.active is not None:
+            h.outcome = h.active.result()
+            h.active.close()
+        else:
+            h.outcome = RunOutcome(h.run_dir, [])
+        h.stage = None
+        if cancelled:
+            h.state, h.error = "cancelled", RunCancelled(f"run {h.run_dir} was cancelled", hint="submit it again to redo it")
+            self._emit(h, "cancelled", message="cancelled")
+        elif error is not None:
+            h.state, h.error = "failed", error
+            self._emit(h, "failed", message=error.message)
+        else:
+            h.state = "succeeded"
+            self._emit(h, "succeeded")
+        h._done.set()
+
+    def _emit(self, h: RunHandle, kind: EventKind, stage: str | None = None, done: int = 0, total: int = 0, message: str = "") -> None:
+        if self.on_event is not None:
+            self.on_event(EngineEvent(h.id, h.run_dir, kind, stage, done, total, message))
+
+
+def _write_log_header(path: Path, worker: WorkerProcess) -> None:
+    """Start a run's stage log with the worker's command line and pid (the worker appends the rest)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("$ " + " ".join(worker.argv) + f"\n# warm worker pid {worker.pid}, job {worker.jobs_done + 1}\n")
+
+
+def _as_pipeline_error(exc: BaseException, stage: str) -> PipelineError:
+    if isinstance(exc, PipelineError):
+        return exc
+    return StageFailed(stage, f"internal error in the engine: {type(exc).__name__}: {exc}",
+                       hint="rerun with --debug and report this with the traceback")
