@@ -8,7 +8,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+
 import pytest
+import yaml
 from PIL import Image, ImageDraw
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -62,3 +65,27 @@ def draw_scene(path: Path, size: tuple[int, int] = (96, 64)) -> Path:
 @pytest.fixture
 def scene_image(tmp_path: Path) -> Path:
     return draw_scene(tmp_path / "scene.png")
+
+
+@pytest.fixture(scope="session")
+def venv_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A config with two venv envs (segment, reconstruct) built by `envs create`, once per test session."""
+    root = tmp_path_factory.mktemp("envs")
+    config = {
+        "envs": {
+            "seg-test": {"kind": "venv", "prefix": str(root / "seg"), "spec": str(PROJECT_ROOT / "tests/envs/light-segment.yml")},
+            "rec-test": {"kind": "venv", "prefix": str(root / "rec"), "spec": str(PROJECT_ROOT / "tests/envs/light-reconstruct.yml")},
+        },
+        "segment": {"env": "seg-test", "backend": "tests.doubles.segmenters:ColorBlobSegmenterDouble"},
+        "reconstruct": {"env": "rec-test", "backend": "tests.doubles.reconstructors:CubeReconstructorDouble"},
+        "run": {"out_root": str(root / "outputs")},
+        "engine": {"state_dir": str(root / "state")},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = run_cli("envs", "create", "seg-test", "rec-test", "--config", str(path), timeout=900)
+    assert result.returncode == 0, result.stderr + result.stdout
+    for name in ("seg", "rec"):
+        stamp = json.loads((root / name / ".pipeline-env.json").read_text())
+        assert stamp["spec_sha256"]
+    return path
