@@ -208,7 +208,11 @@ class WorkerProcess:
                 out.wall_s = time.perf_counter() - t0
                 if kind == "done":
                     out.result = dict(event.get("result") or {})
-                    out.result.setdefault("timings", {})["wall_s"] = out.wall_s
+                    timings = out.result.setdefault("timings", {})
+                    timings["wall_s"] = out.wall_s
+                    job_s = (event.get("timings") or {}).get("total_s")
+                    if isinstance(job_s, (int, float)):
+                        timings["job_s"] = float(job_s)  # time inside the worker, started → done (wall_s adds the round trip and the group's earlier jobs)
                     self.jobs_done += 1
                 else:
                     out.error = self._failure(str(event.get("message")), hint=event.get("hint"), log=by_id[jid].log)
