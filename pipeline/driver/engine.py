@@ -135,6 +135,12 @@ class _Lane:
             self.queue.append(handle)
             self.cond.notify()
 
+    def put_front(self, handles: list[RunHandle]) -> None:
+        """Queue ``handles`` again, first, in their order (runs whose group's worker was stopped before them)."""
+        with self.cond:
+            self.queue.extendleft(reversed(handles))
+            self.cond.notify()
+
     def remove(self, handle: RunHandle) -> bool:
         with self.cond:
             if handle in self.queue:
@@ -227,10 +233,15 @@ class _Lane:
             for h, _ in group:
                 if h.request.mode == "query":
                     self.engine._copy_vlm_log(vlm_from, h.run_dir / LOGS_DIR / "vlm.log")
+        requeue = []
         for result in results:
             h, outcome = by_job[result.job.id]
+            if result.requeue:
+                requeue.append(h)
+                continue
             self._record(h, outcome, result, load_s=worker.load_s if fresh else None)
             fresh = False
+        self.put_front(requeue)
 
     def _record(self, h: RunHandle, outcome: StageOutcome, result: JobOutcome, *, load_s: float | None) -> None:
         active = h.active
@@ -241,7 +252,10 @@ class _Lane:
             active.succeed(outcome, result.result)
             n = result.result.get("objects", 0)
             self.engine._emit(h, "stage_finished", self.stage, message=f"done in {outcome.duration_s:.1f}s ({n} object(s))")
-            self.engine._forward(h, self.stage)
+            if h.cancel_requested:  # cancelled while it waited in its group: its stage output is whole, go no further
+                self.engine._finish(h, cancelled=True)
+            else:
+                self.engine._forward(h, self.stage)
             return
         cancelled = isinstance(result.error, RunCancelled)
         active.fail(outcome, "interrupted" if cancelled else result.error.message)
