@@ -22,10 +22,11 @@ from pipeline.driver.batch import read_items
 from pipeline.driver.budget import check_gpu_budget
 from pipeline.driver.engine import Engine
 from pipeline.driver.envs import resolve_env
+from pipeline.driver.lock import run_lock
 from pipeline.driver.reaper import process_start_time, stop_stale_children
 from pipeline.driver.runner import RunOutcome, RunRequest
 from pipeline.driver.workers import load_key
-from pipeline.errors import ConfigError, RunCancelled, StageFailed, UsageError
+from pipeline.errors import ConfigError, RunCancelled, RunLocked, StageFailed, UsageError
 from tests.conftest import draw_scene
 
 # ---------------------------------------------------------------------------- GPU memory budget
@@ -247,3 +248,13 @@ def test_current_env_keeps_the_drivers_import_path(monkeypatch: pytest.MonkeyPat
     assert str(tmp_path / "a") in path and str(tmp_path / "b") in path
     venv = apply_overrides(load_config(), ["envs.v.kind=venv", f"envs.v.prefix={tmp_path / 'v'}"])
     assert str(tmp_path / "a") not in resolve_env(venv, "v", must_exist=False).child_env()["PYTHONPATH"]
+
+
+def test_a_run_dir_in_use_fails_that_run_only(tmp_path: Path, current_config: PipelineConfig) -> None:
+    busy, free = _request(tmp_path, "busy", "red"), _request(tmp_path, "free", "red")
+    with run_lock(busy.run_dir), Engine(current_config) as engine:  # as if another batch were writing it
+        handles = [engine.submit(busy), engine.submit(free)]
+        with pytest.raises(RunLocked, match="is in use by another run"):
+            handles[0].wait(timeout=60)
+        assert _objects(handles[1].wait(timeout=60), "segment") == 2
+    assert not (busy.run_dir / "masks").exists()

@@ -10,8 +10,8 @@ each a thread with a queue and a warm :class:`~pipeline.driver.workers.WorkerPro
 The segment lane sends waiting images to its worker together (up to ``engine.segment_group``), so the
 backend can encode them in one batched pass. A lane starts its worker on first use, and again when a run needs
 a different model (:func:`~pipeline.driver.workers.load_key`) or after the worker died; a run whose stage
-killed the worker, timed out (``engine.stage_timeout_s``) or was cancelled fails alone, with its log's tail,
-and the engine goes on. After ``engine.max_restarts`` consecutive failed starts a lane stops trying and fails
+killed the worker, timed out (``engine.stage_timeout_s``) or was cancelled fails alone, with its log's tail;
+the runs of its group that had not started are queued again, and the engine goes on. After ``engine.max_restarts`` consecutive failed starts a lane stops trying and fails
 its runs at once with the start error. Every child is registered with a
 :class:`~pipeline.driver.reaper.ChildGuard`, so none outlives the driver, even a killed one.
 """
