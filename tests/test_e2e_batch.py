@@ -96,8 +96,9 @@ def test_jsonl_lines_carry_their_own_requests_and_bad_lines_are_reported(venv_co
     assert result.returncode == 1, result.stderr
     items = _summary(root)["items"]
     assert [i["status"] for i in items] == ["succeeded", "invalid", "no objects", "invalid", "succeeded"]
-    assert items[1]["error"].startswith("list.jsonl:2: not valid JSON")
-    assert items[3]["error"] == "list.jsonl:4: no 'query' or 'prompt' (and none given on the command line)"
+    assert items[1]["source"] == "list.jsonl:2" and items[1]["error"].startswith("not valid JSON")
+    assert items[3]["source"] == "list.jsonl:4"
+    assert items[3]["error"] == "no 'query' or 'prompt' (and none given on the command line)"
     assert items[0]["objects"] == 2 and items[4]["objects"] == 1 and items[4]["run_dir"] == str(root / "one-box")
     record = json.loads((Path(items[2]["run_dir"]) / "run.json").read_text())
     assert record["config"]["segment"]["threshold"] == 0.99  # the line's own option reached its run
