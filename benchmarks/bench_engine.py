@@ -89,15 +89,17 @@ def test_doubles_config(work: Path) -> Path:
 
 
 def synthetic_images(folder: Path, count: int, size: tuple[int, int] = (320, 240)) -> list[Path]:
-    """``count`` distinct PNGs: coloured boxes and a disc on grey (the colour-blob double finds each)."""
+    """``count`` distinct PNGs of ``size`` (width, height): red boxes and a blue disc on grey, placed in
+    proportion to the size (the colour-blob double finds each)."""
     folder.mkdir(parents=True, exist_ok=True)
+    sx, sy = size[0] / 320, size[1] / 240
     paths = []
     for i in range(count):
         image = Image.new("RGB", size, (40, 40, 40))
         draw = ImageDraw.Draw(image)
-        draw.rectangle([10 + i % 17, 10, 90, 100], fill=(255, 0, 0))
-        draw.rectangle([150, 60 + i % 13, 250, 180], fill=(255, 0, 0))
-        draw.ellipse([100, 130, 160, 200 + i % 11], fill=(0, 0, 255))
+        for box, shape in (([10 + i % 17, 10, 90, 100], draw.rectangle), ([150, 60 + i % 13, 250, 180], draw.rectangle)):
+            shape([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy], fill=(255, 0, 0))
+        draw.ellipse([100 * sx, 130 * sy, 160 * sx, (200 + i % 11) * sy], fill=(0, 0, 255))
         paths.append(folder / f"img{i:03d}.png")
         image.save(paths[-1])
     return paths
@@ -188,6 +190,7 @@ def main() -> None:
     source.add_argument("--config", type=Path, help="pipeline config naming the backends and envs")
     source.add_argument("--test-doubles", action="store_true", help="build the CPU test venvs and use the doubles")
     parser.add_argument("--images", type=Path, help="folder of photos (default: synthetic images)")
+    parser.add_argument("--size", default="320x240", help="synthetic image size WxH (default 320x240)")
     parser.add_argument("--prompt", default="red,blue", help="phrases, comma-separated (default: red,blue)")
     parser.add_argument("--stages", default="segment", help="segment or segment,reconstruct (default: segment)")
     parser.add_argument("--batch", type=int, default=20, help="N: batches of N and 2N images (default 20)")
@@ -201,7 +204,8 @@ def main() -> None:
     if args.images:
         photos = sorted(p.resolve() for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     else:
-        photos = synthetic_images(work / "photos", 2 * args.batch)
+        width, height = (int(v) for v in args.size.lower().split("x"))
+        photos = synthetic_images(work / "photos", 2 * args.batch, (width, height))
     if not photos:
         raise SystemExit(f"no images in {args.images}: give a folder of .jpg/.png files")
     stages = args.stages.split(",")
@@ -215,7 +219,8 @@ def main() -> None:
 
     header = (f"Machine: {platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), Python "
               f"{platform.python_version()}, {date.today().isoformat()}; stages {args.stages}; phrases "
-              f"{args.prompt!r}; {'CPU test doubles in two venvs' if args.test_doubles else args.config}.")
+              f"{args.prompt!r}; {'CPU test doubles in two venvs' if args.test_doubles else args.config}; images "
+              f"{args.images or 'synthetic ' + args.size}.")
     text = f"{header}\n\n{table(oneshot, small, large, stages)}\n"
     print(text)
     if args.markdown:
