@@ -45,6 +45,8 @@ import yaml
 from PIL import Image, ImageDraw
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))
+from tests.doubles.venvs import doubles_venv_config  # noqa: E402 - the project root goes on the path first
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -72,15 +74,7 @@ def cli(*args: str, timeout: float = 3600) -> float:
 
 def test_doubles_config(work: Path) -> Path:
     """Build the two CPU test venvs (tests/envs) under ``work`` once; the config that uses them."""
-    config = {
-        "envs": {
-            "seg-test": {"kind": "venv", "prefix": str(work / "envs/seg"), "spec": str(PROJECT_ROOT / "tests/envs/light-segment.yml")},
-            "rec-test": {"kind": "venv", "prefix": str(work / "envs/rec"), "spec": str(PROJECT_ROOT / "tests/envs/light-reconstruct.yml")},
-        },
-        "segment": {"env": "seg-test", "backend": "tests.doubles.segmenters:ColorBlobSegmenterDouble"},
-        "reconstruct": {"env": "rec-test", "backend": "tests.doubles.reconstructors:CubeReconstructorDouble"},
-        "engine": {"state_dir": str(work / "state")},
-    }
+    config = doubles_venv_config(work / "envs")
     path = work / "config.yaml"
     work.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))

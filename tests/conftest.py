@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import json
-
 import pytest
 import yaml
 from PIL import Image, ImageDraw
+
+from tests.doubles.venvs import doubles_venv_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,16 +72,7 @@ def scene_image(tmp_path: Path) -> Path:
 def venv_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A config with two venv envs (segment, reconstruct) built by `envs create`, once per test session."""
     root = tmp_path_factory.mktemp("envs")
-    config = {
-        "envs": {
-            "seg-test": {"kind": "venv", "prefix": str(root / "seg"), "spec": str(PROJECT_ROOT / "tests/envs/light-segment.yml")},
-            "rec-test": {"kind": "venv", "prefix": str(root / "rec"), "spec": str(PROJECT_ROOT / "tests/envs/light-reconstruct.yml")},
-        },
-        "segment": {"env": "seg-test", "backend": "tests.doubles.segmenters:ColorBlobSegmenterDouble"},
-        "reconstruct": {"env": "rec-test", "backend": "tests.doubles.reconstructors:CubeReconstructorDouble"},
-        "run": {"out_root": str(root / "outputs")},
-        "engine": {"state_dir": str(root / "state")},
-    }
+    config = doubles_venv_config(root)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     result = run_cli("envs", "create", "seg-test", "rec-test", "--config", str(path), timeout=900)
