@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image, ImageDraw
+
+from tests.doubles.venvs import doubles_venv_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,3 +66,18 @@ def draw_scene(path: Path, size: tuple[int, int] = (96, 64)) -> Path:
 @pytest.fixture
 def scene_image(tmp_path: Path) -> Path:
     return draw_scene(tmp_path / "scene.png")
+
+
+@pytest.fixture(scope="session")
+def venv_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A config with two venv envs (segment, reconstruct) built by `envs create`, once per test session."""
+    root = tmp_path_factory.mktemp("envs")
+    config = doubles_venv_config(root)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = run_cli("envs", "create", "seg-test", "rec-test", "--config", str(path), timeout=900)
+    assert result.returncode == 0, result.stderr + result.stdout
+    for name in ("seg", "rec"):
+        stamp = json.loads((root / name / ".pipeline-env.json").read_text())
+        assert stamp["spec_sha256"]
+    return path

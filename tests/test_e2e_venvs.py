@@ -24,30 +24,6 @@ from tests.conftest import PROJECT_ROOT, draw_scene, processes_matching, run_cli
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def venv_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A config with two venv envs (segment, reconstruct), created once for the module."""
-    root = tmp_path_factory.mktemp("envs")
-    config = {
-        "envs": {
-            "seg-test": {"kind": "venv", "prefix": str(root / "seg"), "spec": str(PROJECT_ROOT / "tests/envs/light-segment.yml")},
-            "rec-test": {"kind": "venv", "prefix": str(root / "rec"), "spec": str(PROJECT_ROOT / "tests/envs/light-reconstruct.yml")},
-        },
-        "segment": {"env": "seg-test", "backend": "tests.doubles.segmenters:ColorBlobSegmenterDouble"},
-        "reconstruct": {"env": "rec-test", "backend": "tests.doubles.reconstructors:CubeReconstructorDouble"},
-        "run": {"out_root": str(root / "outputs")},
-        "engine": {"state_dir": str(root / "state")},
-    }
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = run_cli("envs", "create", "seg-test", "rec-test", "--config", str(path), timeout=900)
-    assert result.returncode == 0, result.stderr + result.stdout
-    for name in ("seg", "rec"):
-        stamp = json.loads((root / name / ".pipeline-env.json").read_text())
-        assert stamp["spec_sha256"]
-    return path
-
-
 def _run(config: Path, image: Path, out: Path, *extra: str):
     return run_cli("run", "--image", str(image), "--prompt", "red box, blue ball", "--config", str(config), "--out", str(out), *extra)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +205,35 @@ def test_api_key_is_sent_but_never_written(tmp_path, monkeypatch):
         assert secret not in keyed.log_path.read_text()
     for path in (tmp_path / "agent").iterdir():
         assert secret.encode() not in path.read_bytes()
+
+
+def test_a_group_of_query_jobs_asks_its_first_proposals_ahead_together(server, tmp_path):
+    """prepare_group sends every query job's first VLM request at once; each run then uses its own answer."""
+    import io
+
+    from pipeline.handoff import INPUT_IMAGE
+    from pipeline.stages.protocol import Job, Reporter
+    from pipeline.stages.segment import SegmentWorker
+
+    config = _config().model_copy(
+        update={"segment": _config().segment.model_copy(update={"backend": "tests.doubles.segmenters:ColorBlobSegmenterDouble"})}
+    )
+    jobs = []
+    for i in range(3):
+        run_dir = tmp_path / f"run{i}"
+        (run_dir / INPUT_IMAGE).parent.mkdir(parents=True)
+        _image().save(run_dir / INPUT_IMAGE)
+        jobs.append(Job(id=f"j{i}", run_dir=str(run_dir), fingerprint="sha256:test",
+                        params={"mode": "query", "query": "the blue box", "vlm_url": server.url}))
+    propose = {"content": {"phrases": ["blue box"], "reason": "blue"}, "delay_s": 0.3}
+    server.load_script([propose] * 3 + [{"content": _keep([1], "blue box")}] * 3)
+    worker = SegmentWorker(config)
+    worker.prepare_group(jobs, {job.id: config for job in jobs})
+    summaries = [worker.run(job, config, Reporter(io.StringIO())) for job in jobs]
+    assert [s["objects"] for s in summaries] == [1, 1, 1]
+    kinds = ["review" if len(r["images"]) == 2 else "propose" for r in server.requests()]
+    assert kinds == ["propose"] * 3 + ["review"] * 3  # all three proposals were asked before any review
+    for job in jobs:
+        transcript = json.loads((Path(job.run_dir) / "agent" / "transcript.json").read_text())
+        purposes = [(r["purpose"], r.get("asked_ahead", False)) for r in transcript["requests"]]
+        assert purposes == [("propose", True), ("review", False)]

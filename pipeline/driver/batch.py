@@ -192,12 +192,12 @@ def read_items(
         for n, row in _rows(list_file):
             source = f"{list_file.name}:{n}"
             if isinstance(row, str):
-                items.append(BatchItem(source, None, None, (), (), out_root, error=f"{source}: {row}"))
+                items.append(BatchItem(source, None, None, (), (), out_root, error=row))
                 continue
             try:
                 items.append(_item_from_row(row, source, list_file.parent, out_root, query, prompts))
             except ValueError as exc:
-                items.append(BatchItem(source, None, None, (), (), out_root, error=f"{source}: {exc}"))
+                items.append(BatchItem(source, None, None, (), (), out_root, error=str(exc)))
         if not items:
             raise UsageError(f"{list_file} has no lines", hint="one JSON object per line, e.g. {\"image\": \"a.jpg\", \"prompt\": \"horse\"}")
         return items
@@ -228,7 +228,7 @@ def _requests(items: Sequence[BatchItem], config: PipelineConfig, stages: tuple[
             yield item, item.error
             continue
         try:
-            cfg = apply_overrides(config, item.overrides, origin=item.source)
+            cfg = apply_overrides(config, item.overrides, origin="this line")
         except PipelineError as exc:
             yield item, exc.message
             continue

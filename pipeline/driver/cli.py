@@ -7,6 +7,7 @@ This module only parses arguments, builds requests and maps errors to exit codes
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -239,3 +240,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("interrupted: every process this run started was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (`... | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

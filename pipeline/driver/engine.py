@@ -10,8 +10,8 @@ each a thread with a queue and a warm :class:`~pipeline.driver.workers.WorkerPro
 The segment lane sends waiting images to its worker together (up to ``engine.segment_group``), so the
 backend can encode them in one batched pass. A lane starts its worker on first use, and again when a run needs
 a different model (:func:`~pipeline.driver.workers.load_key`) or after the worker died; a run whose stage
-killed the worker, timed out (``engine.stage_timeout_s``) or was cancelled fails alone, with its log's tail,
-and the engine goes on. After ``engine.max_restarts`` consecutive failed starts a lane stops trying and fails
+killed the worker, timed out (``engine.stage_timeout_s``) or was cancelled fails alone, with its log's tail;
+the runs of its group that had not started are queued again, and the engine goes on. After ``engine.max_restarts`` consecutive failed starts a lane stops trying and fails
 its runs at once with the start error. Every child is registered with a
 :class:`~pipeline.driver.reaper.ChildGuard`, so none outlives the driver, even a killed one.
 """
@@ -135,6 +135,12 @@ class _Lane:
             self.queue.append(handle)
             self.cond.notify()
 
+    def put_front(self, handles: list[RunHandle]) -> None:
+        """Queue ``handles`` again, first, in their order (runs whose group's worker was stopped before them)."""
+        with self.cond:
+            self.queue.extendleft(reversed(handles))
+            self.cond.notify()
+
     def remove(self, handle: RunHandle) -> bool:
         with self.cond:
             if handle in self.queue:
@@ -227,10 +233,15 @@ class _Lane:
             for h, _ in group:
                 if h.request.mode == "query":
                     self.engine._copy_vlm_log(vlm_from, h.run_dir / LOGS_DIR / "vlm.log")
+        requeue = []
         for result in results:
             h, outcome = by_job[result.job.id]
+            if result.requeue:
+                requeue.append(h)
+                continue
             self._record(h, outcome, result, load_s=worker.load_s if fresh else None)
             fresh = False
+        self.put_front(requeue)
 
     def _record(self, h: RunHandle, outcome: StageOutcome, result: JobOutcome, *, load_s: float | None) -> None:
         active = h.active
@@ -241,7 +252,10 @@ class _Lane:
             active.succeed(outcome, result.result)
             n = result.result.get("objects", 0)
             self.engine._emit(h, "stage_finished", self.stage, message=f"done in {outcome.duration_s:.1f}s ({n} object(s))")
-            self.engine._forward(h, self.stage)
+            if h.cancel_requested:  # cancelled while it waited in its group: its stage output is whole, go no further
+                self.engine._finish(h, cancelled=True)
+            else:
+                self.engine._forward(h, self.stage)
             return
         cancelled = isinstance(result.error, RunCancelled)
         active.fail(outcome, "interrupted" if cancelled else result.error.message)

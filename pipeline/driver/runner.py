@@ -338,9 +338,10 @@ class ActiveRun:
         return self.req.run_dir
 
     def decide(self, stage: str) -> StageOutcome:
-        """Plan ``stage`` now, from the outputs that exist now; the outcome is kept in :attr:`outcomes`."""
+        """Plan ``stage`` now, from the outputs that exist now; the outcome is kept in :attr:`outcomes` (a stage
+        decided again — its run requeued before its worker took it — replaces its earlier outcome)."""
         outcome = StageOutcome(self.runner._decide(stage, self.req, self.image_sha))
-        self.outcomes.append(outcome)
+        self.outcomes = [o for o in self.outcomes if o.decision.stage != stage] + [outcome]
         return outcome
 
     def skip(self, outcome: StageOutcome) -> None:

@@ -48,12 +48,13 @@ def load_key(config: PipelineConfig, stage: str) -> str:
 
 @dataclass
 class JobOutcome:
-    """One job's end: ``result`` (the worker's summary) or ``error``; ``wall_s`` from submit to end."""
+    """One job's end: ``result`` (the worker's summary), ``error``, or ``requeue``; ``wall_s`` from submit to end."""
 
     job: Job
     result: dict[str, Any] = field(default_factory=dict)
     error: PipelineError | None = None
     wall_s: float = 0.0
+    requeue: bool = False  # never started: the worker was stopped for another job of its group
 
 
 class WorkerProcess:
@@ -117,7 +118,8 @@ class WorkerProcess:
         )
         threading.Thread(target=self._read_events, args=(self.proc.stdout,), name=f"{self.stage}-events", daemon=True).start()
         try:
-            ready = self._next_event(deadline=None if timeout_s is None else time.monotonic() + timeout_s, log=None)
+            ready = self._next_event(deadline=None if timeout_s is None else time.monotonic() + timeout_s, log=None,
+                                     limit_s=timeout_s)
             while ready.get("event") != "ready":
                 ready = self._next_event(deadline=None, log=None)
             self.load_s = ready.get("load_s")
@@ -163,9 +165,10 @@ class WorkerProcess:
     ) -> list[JobOutcome]:
         """Send ``jobs`` as one group and wait for each to end, in order.
 
-        A job's error ends that job only. The worker is stopped — and the remaining jobs fail — when it exits,
-        when one job runs longer than ``timeout_s`` or when ``cancelled(job)`` turns true for the job in progress
-        (that job gets :class:`RunCancelled`, the others a StageFailed saying the worker was stopped).
+        A job's error ends that job only. The worker is stopped when it exits, when one job runs longer than
+        ``timeout_s`` or when ``cancelled(job)`` turns true while that job is in progress: the job in progress
+        gets the StageFailed or :class:`RunCancelled`; the jobs of the group that had not started come back with
+        ``requeue`` set (no fault of theirs).
         """
         assert self.proc is not None and self.proc.stdin is not None, "start() the worker first"
         t0 = time.perf_counter()
@@ -184,13 +187,17 @@ class WorkerProcess:
         while pending:
             try:
                 event = self._next_event(deadline=job_deadline, log=(current or by_id[pending[0]]).log,
-                                         cancelled=(lambda: cancelled(current)) if cancelled and current else None)
+                                         cancelled=(lambda: cancelled(current)) if cancelled and current else None,
+                                         limit_s=timeout_s)
             except (StageFailed, RunCancelled) as exc:
                 self.close(graceful=False)
+                blamed = current.id if current else pending[0]
                 for jid in pending:
-                    outcomes[jid].error = exc if jid == (current.id if current else pending[0]) else self._failure(
-                        f"the worker was stopped while another run in its group failed ({exc.message})", log=by_id[jid].log)
                     outcomes[jid].wall_s = time.perf_counter() - t0
+                    if jid == blamed:
+                        outcomes[jid].error = exc
+                    else:
+                        outcomes[jid].requeue = True
                 break
             jid = event.get("job")
             if jid not in outcomes:
@@ -208,7 +215,11 @@ class WorkerProcess:
                 out.wall_s = time.perf_counter() - t0
                 if kind == "done":
                     out.result = dict(event.get("result") or {})
-                    out.result.setdefault("timings", {})["wall_s"] = out.wall_s
+                    timings = out.result.setdefault("timings", {})
+                    timings["wall_s"] = out.wall_s
+                    job_s = (event.get("timings") or {}).get("total_s")
+                    if isinstance(job_s, (int, float)):
+                        timings["job_s"] = float(job_s)  # time inside the worker, started → done (wall_s adds the round trip and the group's earlier jobs)
                     self.jobs_done += 1
                 else:
                     out.error = self._failure(str(event.get("message")), hint=event.get("hint"), log=by_id[jid].log)
@@ -233,9 +244,11 @@ class WorkerProcess:
         self._events.put({"event": "eof"})
 
     def _next_event(
-        self, *, deadline: float | None, log: str | None, cancelled: Callable[[], bool] | None = None
+        self, *, deadline: float | None, log: str | None, cancelled: Callable[[], bool] | None = None,
+        limit_s: float | None = None,
     ) -> dict[str, Any]:
-        """The next event; raises StageFailed on a worker-level error, its exit or the deadline, RunCancelled."""
+        """The next event; raises StageFailed on a worker-level error, its exit or the deadline (``limit_s``
+        seconds after it was set, for the message), RunCancelled."""
         while True:
             if cancelled is not None and cancelled():
                 raise RunCancelled(f"stage '{self.stage}' was cancelled", hint="submit the run again to redo it")
@@ -244,7 +257,8 @@ class WorkerProcess:
                 event = self._events.get(timeout=wait)
             except queue.Empty:
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise self._failure("timed out: the worker was stopped and will be restarted for the next run",
+                    raise self._failure(f"timed out after {limit_s:g} s: the worker was stopped and will be restarted "
+                                        "for the next run",
                                         hint="raise engine.stage_timeout_s if this stage needs longer", log=log) from None
                 continue
             kind = event["event"]

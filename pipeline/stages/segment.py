@@ -14,8 +14,9 @@ built in ``<name>.partial`` directories and renamed into place, so a killed work
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -37,6 +38,9 @@ from pipeline.handoff import (
 from pipeline.images import write_mask
 from pipeline.stages.postprocess import Candidate, select_objects
 from pipeline.stages.protocol import Job, Reporter, worker_main
+
+if TYPE_CHECKING:
+    from pipeline.stages.agent.loop import Proposal
 
 __all__ = ["SegmentWorker", "write_masks"]
 
@@ -113,10 +117,23 @@ class SegmentWorker:
         if not (isinstance(cls, type) and issubclass(cls, Segmenter)):
             raise InputError(f"segment backend {config.segment.backend!r} is not a Segmenter subclass")
         self.segmenter: Segmenter = cls(config.segment)
+        self._vlm_pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[str, Proposal] = {}
 
     def prepare_group(self, jobs: list[Job], configs: dict[str, PipelineConfig]) -> None:
-        """Hand the group's images to the backend together (one batched encoder pass where it can)."""
-        self.segmenter.prefetch([_read_image(Path(job.run_dir)) for job in jobs])
+        """Hand the group's images to the backend together (one batched encoder pass where it can), and ask the
+        VLM for the first phrases of every query-mode job at once, so those requests overlap the SAM3 work."""
+        images = [_read_image(Path(job.run_dir)) for job in jobs]
+        queries = [(job, image) for job, image in zip(jobs, images) if job.params.get("mode") == "query"]
+        if queries:
+            from pipeline.stages.agent.loop import propose_ahead  # needs openai: only imported in query mode
+
+            if self._vlm_pool is None:
+                self._vlm_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vlm-ahead")
+            for job, image in queries:
+                self._ahead[job.id] = propose_ahead(self._vlm_pool, image, job.params["query"],
+                                                    config=configs[job.id], vlm_url=job.params["vlm_url"])
+        self.segmenter.prefetch(images)
 
     def run(self, job: Job, config: PipelineConfig, reporter: Reporter) -> dict[str, Any]:
         """Segment one run's input image; returns ``{"objects": N, "timings": {...}}``.
@@ -126,6 +143,7 @@ class SegmentWorker:
         """
         run_dir = Path(job.run_dir)
         seg = config.segment
+        ahead = self._ahead.pop(job.id, None)  # its first VLM proposal, when prepare_group asked for it
         timings: dict[str, float] = {}
         image = _read_image(run_dir)
         t0 = time.perf_counter()
@@ -161,6 +179,7 @@ class SegmentWorker:
                 vlm_url=job.params["vlm_url"],
                 out_dir=staging,
                 progress=lambda done, total, msg: reporter.progress(job.id, done, total, msg),
+                proposal=ahead,
             )
             timings["agent_s"] = time.perf_counter() - t0
             replace_dir(staging, run_dir / AGENT_DIR)

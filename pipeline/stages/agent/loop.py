@@ -18,6 +18,7 @@ Every request (purpose, model, token usage, latency, reasoning text, parsed deci
 from __future__ import annotations
 
 import time
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +41,7 @@ from pipeline.stages.agent.prompts import (
     review_text,
 )
 
-__all__ = ["TRANSCRIPT_NAME", "NO_MATCH", "AgentOutcome", "run_agent"]
+__all__ = ["TRANSCRIPT_NAME", "NO_MATCH", "AgentOutcome", "Proposal", "propose_ahead", "run_agent"]
 
 TRANSCRIPT_NAME = "transcript.json"
 TRANSCRIPT_VERSION = 1
@@ -56,6 +57,53 @@ class AgentOutcome:
     candidates: list[Candidate]
     reason: str | None
     phrases: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Proposal:
+    """The first proposal of a run, asked ahead (see :func:`propose_ahead`): the answer to come and the request
+    records for the run's transcript."""
+
+    future: Future[ProposeAnswer]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def answer(self, transcript: _Transcript) -> ProposeAnswer:
+        """Wait for the answer, then copy the request records into ``transcript``; raises the VLMError."""
+        try:
+            return self.future.result()
+        finally:
+            for record in self.records:
+                transcript.add_request({**record, "asked_ahead": True})
+
+
+def propose_ahead(pool: Executor, image: Image.Image, query: str, *, config: PipelineConfig, vlm_url: str) -> Proposal:
+    """Ask the VLM for a run's first phrases on ``pool`` now, while the segmenter works on other images.
+
+    The first proposal needs only the photo and the query, so a worker that holds several query-mode runs asks
+    for all of them at once (vLLM batches concurrent requests) and SAM3 work overlaps the VLM's. Pass the
+    result to :func:`run_agent` as ``proposal``.
+    """
+    records: list[dict[str, Any]] = []
+
+    def ask() -> ProposeAnswer:
+        with VLMClient(vlm_url, config.vlm, api_key=config.vlm.api_key(), on_attempt=records.append) as client:
+            return _ask_propose(client, image.convert("RGB"), query, config, failed=[], round_=1)
+
+    return Proposal(pool.submit(ask), records)
+
+
+def _ask_propose(
+    client: VLMClient, image: Image.Image, query: str, config: PipelineConfig, *, failed: list[str], round_: int
+) -> ProposeAnswer:
+    reply = client.ask(
+        purpose="propose",
+        system=SYSTEM_PROMPT,
+        text=propose_text(query, max_phrases=config.agent.max_phrases, failed=failed),
+        images=[image],
+        answer=ProposeAnswer,
+        meta={"round": round_},
+    )
+    return reply.answer
 
 
 class _Transcript:
@@ -145,15 +193,7 @@ class _AgentRun:
         return [p for p in phrases if p.lower() not in tried][: self.config.agent.max_phrases]
 
     def propose(self, failed: list[str]) -> ProposeAnswer:
-        reply = self.client.ask(
-            purpose="propose",
-            system=SYSTEM_PROMPT,
-            text=propose_text(self.query, max_phrases=self.config.agent.max_phrases, failed=failed),
-            images=[self.image],
-            answer=ProposeAnswer,
-            meta={"round": self.round + 1},
-        )
-        return reply.answer
+        return _ask_propose(self.client, self.image, self.query, self.config, failed=failed, round_=self.round + 1)
 
     def segment(self, phrases: list[str]) -> list[Candidate]:
         """Predict ``phrases`` (new ones only), add them to the pool, return all candidates after selection."""
@@ -195,10 +235,10 @@ class _AgentRun:
         )
         return reply.answer
 
-    def run(self) -> AgentOutcome:
+    def run(self, ahead: Proposal | None = None) -> AgentOutcome:
         max_rounds = self.config.agent.max_rounds
         self.progress(0, max_rounds, "asking the VLM for phrases")
-        proposal = self.propose(failed=[])
+        proposal = ahead.answer(self.transcript) if ahead is not None else self.propose(failed=[])
         phrases = proposal.phrases
         if not phrases:
             return self._no_match(proposal.reason)
@@ -257,8 +297,11 @@ def run_agent(
     vlm_url: str,
     out_dir: Path,
     progress: Progress,
+    proposal: Proposal | None = None,
 ) -> AgentOutcome:
     """Turn ``query`` into masks of ``image`` with the VLM at ``vlm_url`` (…/v1) choosing and judging.
+
+    ``proposal``: the first proposal, already asked with :func:`propose_ahead` (else it is asked here).
 
     ``segmenter.set_image(image)`` must already have been called (the image is encoded once, here or not at
     all). ``image`` is the full-resolution RGB input; the VLM gets copies downscaled to ``vlm.image_max_side``.
@@ -291,7 +334,7 @@ def run_agent(
     with VLMClient(vlm_url, config.vlm, api_key=config.vlm.api_key(), on_attempt=transcript.add_request) as client:
         run = _AgentRun(segmenter, image, query, config, client, transcript, out_dir, progress)
         try:
-            outcome = run.run()
+            outcome = run.run(proposal)
         except VLMError as exc:
             transcript.finish({"error": exc.message, "phrases": list(run.tried)})
             raise

@@ -1,0 +1,38 @@
+"""Segmenter doubles that misbehave or report on purpose, for the engine's fault and grouping tests.
+
+Both extend :class:`~tests.doubles.segmenters.ColorBlobSegmenterDouble` (same masks for the same image):
+
+- :class:`HangingSegmenterDouble` sleeps for an hour when asked for the phrase ``hang`` (a stuck model);
+- :class:`PrefetchLogSegmenterDouble` appends one line per :meth:`prefetch` call to the file named by
+  ``segment.options.prefetch_log``: the number of images the engine handed over together.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from pipeline.backends.base import Detections
+from tests.doubles.segmenters import ColorBlobSegmenterDouble
+
+__all__ = ["HangingSegmenterDouble", "PrefetchLogSegmenterDouble"]
+
+
+class HangingSegmenterDouble(ColorBlobSegmenterDouble):
+    """Never returns for the phrase ``hang``."""
+
+    def predict(self, phrases: Sequence[str]) -> list[Detections]:
+        if "hang" in phrases:
+            time.sleep(3600)
+        return super().predict(phrases)
+
+
+class PrefetchLogSegmenterDouble(ColorBlobSegmenterDouble):
+    """Logs the size of each prefetched group of images."""
+
+    def prefetch(self, images: Sequence[Image.Image]) -> None:
+        with Path(self.config.options["prefetch_log"]).open("a") as log:
+            log.write(f"{len(images)}\n")
