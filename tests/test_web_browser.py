@@ -36,9 +36,18 @@ def _need_chromium() -> None:
     pytest.skip(reason)
 
 
+def _need_web_build() -> None:
+    if not (PROJECT_ROOT / "pipeline/driver/web/static/vendor/versions.json").exists():
+        reason = "the page's npm assets are not built (npm ci --prefix web && npm run --prefix web build)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: tests/run_tests.sh builds them in CI", pytrace=False)
+        pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     _need_chromium()
+    _need_web_build()
     root = tmp_path_factory.mktemp("browser")
     server = start_server("--demo", "--jobs-dir", str(root / "jobs"), "--set", f"engine.state_dir={root / 'state'}",
                           log=root / "serve.log")
