@@ -313,3 +313,29 @@ def test_restart_lists_old_jobs_and_marks_interrupted_ones(tmp_path: Path) -> No
             assert events[-1]["kind"] == "succeeded"
     finally:
         assert server.stop() in (0, -15)  # uvicorn re-raises the SIGTERM it handled
+
+
+def test_a_stalled_upload_does_not_stall_other_requests(demo: tuple[Server, Path]) -> None:
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    server, _ = demo
+    where = urlparse(server.url)
+    head = (f"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1:{where.port}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            "Content-Length: 400000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n")
+    stalled = [socket.create_connection(("127.0.0.1", where.port)) for _ in range(4)]
+    try:
+        for s in stalled:
+            s.sendall(head.encode() + photo_bytes()[:100])  # then nothing more
+        time.sleep(0.3)
+        with server.client(timeout=5.0) as c:
+            t0 = time.monotonic()
+            assert c.get("/api/health").status_code == 200
+            res = c.post("/api/jobs", files={"image": ("a.png", photo_bytes(), "image/png")}, data={"prompt": "red"})
+            assert res.status_code == 202, res.text
+            assert wait_state(c, res.json()["id"], ("succeeded",), timeout=5)["state"] == "succeeded"
+            assert time.monotonic() - t0 < 5
+    finally:
+        for s in stalled:
+            s.close()

@@ -49,7 +49,7 @@ class Server:
     log: Path
 
     def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30.0, **kw)
+        return httpx.Client(base_url=self.url, **{"timeout": 30.0, **kw})
 
     def stop(self) -> int:
         """SIGTERM (uvicorn shuts down, the engine closes its workers); the exit status."""

@@ -91,5 +91,10 @@ def cmd_serve(args: argparse.Namespace, config: PipelineConfig) -> int:
     log = logging.getLogger("pipeline.web")
     log.info("jobs in %s%s; %s", settings.jobs_root, " (demo backends, not the real models)" if args.demo else "",
              "API token required" if settings.token else "no API token (loopback only)")
+    from .app import STATIC_DIR
+
+    if not (STATIC_DIR / "vendor" / "versions.json").exists():
+        log.warning("the page's 3D libraries are not built: run `npm ci --prefix web && npm run --prefix web build` "
+                    "(the REST API works without them)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
