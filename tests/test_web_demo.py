@@ -303,11 +303,21 @@ def test_restart_lists_old_jobs_and_marks_interrupted_ones(tmp_path: Path) -> No
             wait_state(c, second, ("succeeded",))
     finally:
         assert server.stop() in (0, -15)  # uvicorn re-raises the SIGTERM it handled
-    server = start_server(*args[:-2], log=tmp_path / "serve3.log")
+    server = start_server(*args, log=tmp_path / "serve3.log")
+    try:
+        with server.client() as c:  # a clean stop (SIGTERM) with a job running: marked interrupted, not cancelled
+            res = c.post("/api/jobs", files={"image": ("c.png", photo_bytes(), "image/png")}, data={"prompt": "red"})
+            third = res.json()["id"]
+            wait_state(c, third, ("running",))
+    finally:
+        assert server.stop() in (0, -15)
+    record = json.loads((tmp_path / "jobs" / third / "job.json").read_text())
+    assert record["state"] == "interrupted", record
+    server = start_server(*args[:-2], log=tmp_path / "serve4.log")
     try:
         with server.client() as c:
             jobs = {j["id"]: j for j in c.get("/api/jobs").json()}
-            assert jobs[first]["state"] == "interrupted" and jobs[second]["state"] == "succeeded"
+            assert jobs[first]["state"] == jobs[third]["state"] == "interrupted" and jobs[second]["state"] == "succeeded"
             assert c.get(f"/api/jobs/{second}").json()["objects"][0]["label"] == "blue"
             events = read_events(c, second)
             assert events[-1]["kind"] == "succeeded"

@@ -211,6 +211,9 @@ def create_app(config: PipelineConfig, settings: WebSettings, engine_factory: En
         try:
             yield
         finally:
+            stopped = store.interrupt_active()  # before close: the engine's own "cancelled" events are then ignored
+            if stopped:
+                log.info("%d unfinished job(s) marked interrupted", stopped)
             store.bind_loop(None)  # type: ignore[arg-type]
             await run_in_threadpool(engine.close)
 

@@ -29,13 +29,17 @@ from typing import Any, Literal
 
 from pipeline.atomic import write_json_atomic
 
-__all__ = ["JOB_RECORD", "TERMINAL", "JobState", "Job", "JobStore", "new_job_id"]
+__all__ = ["INTERRUPTED_ERROR", "INTERRUPTED_HINT", "JOB_RECORD", "TERMINAL", "JobState", "Job", "JobStore", "new_job_id"]
 
 JOB_RECORD = "job.json"
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
 _EVENT_STATE = {"queued": "queued", "started": "running", "succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled"}
 _SCHEMA_VERSION = 1
+
+
+INTERRUPTED_ERROR = "interrupted: the server stopped before this job finished"
+INTERRUPTED_HINT = "submit the image again"
 
 
 def new_job_id() -> str:
@@ -90,8 +94,8 @@ class JobStore:
                     state="interrupted",
                     stage=None,
                     finished=time.time(),
-                    error="interrupted: the server stopped before this job finished",
-                    hint="submit the image again",
+                    error=INTERRUPTED_ERROR,
+                    hint=INTERRUPTED_HINT,
                 )
                 self._persist(job)
             job.events.append(self._event(job, record["state"], message=record.get("error") or ""))
@@ -159,6 +163,14 @@ class JobStore:
             self._apply(job, state, stage=None, error=error, hint=hint)
             job.events.append(self._event(job, state, message=error or ""))
         self._wake(job_id)
+
+    def interrupt_active(self) -> int:
+        """Mark every queued or running job ``interrupted`` (the server is stopping); returns how many."""
+        with self._lock:
+            active = [j.id for j in self._jobs.values() if not j.done]
+        for job_id in active:
+            self.mark(job_id, "interrupted", error=INTERRUPTED_ERROR, hint=INTERRUPTED_HINT)
+        return len(active)
 
     # ------------------------------------------------------------------ engine events
 
