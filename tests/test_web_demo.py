@@ -349,3 +349,23 @@ def test_a_stalled_upload_does_not_stall_other_requests(demo: tuple[Server, Path
     finally:
         for s in stalled:
             s.close()
+
+
+def test_health_reports_gpu_memory_per_device(tmp_path: Path) -> None:
+    fake = tmp_path / "bin" / "nvidia-smi"  # a test double of the driver tool: two GPUs
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nprintf '0, NVIDIA H100, 1234, 81559, 7\\n1, NVIDIA H100, 0, 81559, 0\\n'\n")
+    fake.chmod(0o755)
+    server = start_server("--demo", "--jobs-dir", str(tmp_path / "jobs"), "--set", f"engine.state_dir={tmp_path / 'st'}",
+                          log=tmp_path / "serve.log", env={"PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    try:
+        with server.client() as c:
+            health = c.get("/api/health").json()
+    finally:
+        assert server.stop() in (0, -15)
+    assert health["gpus"] == [
+        {"index": 0, "name": "NVIDIA H100", "memory_used_mib": 1234, "memory_total_mib": 81559, "utilization_pct": 7},
+        {"index": 1, "name": "NVIDIA H100", "memory_used_mib": 0, "memory_total_mib": 81559, "utilization_pct": 0},
+    ]
+    assert set(health["engine"]["stages"]) == {"segment", "reconstruct"} and health["jobs"]["queued"] == 0
+    assert health["envs"]["segment"] == {"env": "demo", "kind": "current", "backend": "demo"}
