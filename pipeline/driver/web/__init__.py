@@ -4,7 +4,7 @@ Modules: ``app`` (routes, job submission), ``jobs`` (the job store over run dire
 a job), ``uploads`` (image checks), ``security`` (token, body limit), ``compat`` (``/api/generate_3d``),
 ``health`` (GPU memory), ``serve`` (the CLI command). Static files of the page are in ``static/``; the 3D
 libraries are copied into ``static/vendor/`` by ``npm ci --prefix web && npm run --prefix web build``.
-FastAPI and uvicorn come from requirements-web.txt and are imported only by this package.
+FastAPI, uvicorn and python-multipart are in requirements.txt and are imported only by this package.
 """
 
 from __future__ import annotations
