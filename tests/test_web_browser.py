@@ -1,6 +1,6 @@
 """The web page in a real browser: Playwright (PyPI) driving Debian's chromium headless (no browser download).
 
-Opens the page of ``serve --demo``, uploads a photo by the file input, waits for the job, checks that the 3D
+Opens the page of ``serve --demo``, drops a photo on the upload zone, waits for the job, checks that the 3D
 canvas draws non-background pixels in splat mode and in mesh mode (screenshot pixel statistics), hides an object
 and sees the pixels change, and downloads the zip. Screenshots are kept under tests/artifacts/web/ (git-ignored).
 Skipped with a reason where chromium is missing, except in CI (env CI=1), where that is a failure.
@@ -8,6 +8,7 @@ Skipped with a reason where chromium is missing, except in CI (env CI=1), where 
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -77,7 +78,13 @@ def test_page_upload_view_toggle_download(page_server: Server, tmp_path: Path) -
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(page_server.url + "/")
             page.wait_for_selector("#demo-flag:not([hidden])")
-            page.set_input_files("#file", str(photo))
+            # drag and drop, as a user would (a DataTransfer holding the photo, dropped on the drop zone)
+            dropped = page.evaluate_handle(
+                """(b64) => { const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                   const dt = new DataTransfer(); dt.items.add(new File([bytes], "two-things.png", { type: "image/png" }));
+                   return dt; }""", base64.b64encode(photo.read_bytes()).decode())
+            page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+            assert page.text_content("#drop-text") == "two-things.png"
             page.fill("#text", "red, blue")
             page.click("#submit")
             page.wait_for_selector("#job-state[data-state=succeeded]", timeout=120_000)
