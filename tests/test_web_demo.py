@@ -258,7 +258,9 @@ def test_full_queue_429_cancel_queued_and_running(tmp_path: Path) -> None:
         assert full.headers.get("retry-after")
         with server.client() as c:
             running = wait_state(c, ids[0], ("running",), timeout=30)
-            assert c.get(f"/api/jobs/{ids[2]}").json()["state"] == "queued"
+            queued = c.get(f"/api/jobs/{ids[2]}").json()
+            assert queued["state"] == "queued" and queued["waiting"].startswith("waiting for the GPU worker"), queued
+            assert queued["queue_position"] >= 1
             health = c.get("/api/health").json()
             assert health["jobs"]["queued"] + health["jobs"]["running"] == 3
             dropped = c.delete(f"/api/jobs/{ids[2]}")
