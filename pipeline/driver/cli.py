@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_vlm_commands(sub, common)
+    from pipeline.driver.web import add_serve_command
+
+    add_serve_command(sub, common)
     return parser
 
 
