@@ -293,9 +293,9 @@ def run_batch(
     old = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGUSR1)}
     stopped: str | None = None
     handles: dict[str, tuple[int, BatchItem]] = {}
+    pending: list[tuple[int, RunHandle]] = []
     try:
         with view, Engine(config, on_event=view.on_event) as engine:
-            pending: list[tuple[int, RunHandle]] = []
             for i, (item, req) in enumerate(pairs):
                 if isinstance(req, str):
                     results[i] = ItemResult(item, "invalid", error=req)
@@ -321,6 +321,9 @@ def run_batch(
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+    for i, h in pending:  # after a stop: runs that ended before the engine closed count as they ended
+        if i not in results and h.done():
+            results[i] = _finished(handles[h.id][1], h)
     ordered = [results.get(i) or ItemResult(item, "cancelled", error="not run: the batch was stopped")
                for i, (item, _) in enumerate(pairs)]
     write_summary(summary_path, ordered, started=started, stopped=stopped)
