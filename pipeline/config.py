@@ -30,6 +30,8 @@ __all__ = [
     "AgentConfig",
     "RunConfig",
     "EngineConfig",
+    "SlurmStageConfig",
+    "SlurmConfig",
     "PipelineConfig",
     "load_config",
     "apply_overrides",
@@ -182,6 +184,36 @@ class EngineConfig(_Section):
         return Path(base) / "image-to-3d"
 
 
+class SlurmStageConfig(_Section):
+    """What one stage's array tasks ask SLURM for (per task: one warm worker over one shard)."""
+
+    gpus: int = Field(1, ge=0)  # → --gres=gpu[:gpu_type]:N; 0 asks for none
+    gpu_type: str | None = None  # e.g. "h100" → --gres=gpu:h100:N
+    cpus: int = Field(8, ge=1)  # → --cpus-per-task
+    mem: str = "32G"  # → --mem (host memory per task)
+    time: str = "04:00:00"  # → --time (per task: one shard)
+
+
+class SlurmConfig(_Section):
+    """``batch --executor slurm``: shards of images as array tasks, each running the warm engine (docs/slurm.md)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    shard_size: int = Field(16, ge=1)  # images per array task
+    parallelism: int = Field(8, ge=1)  # array tasks running at once (--array=…%N)
+    mode: Literal["auto", "combined", "per-stage"] = "auto"  # auto: per-stage when the stages ask for different resources
+    warn_s: int = Field(300, ge=10)  # SIGUSR1 this long before the time limit: stop cleanly and requeue
+    python: str | None = None  # interpreter on the nodes; null: the submitting driver's
+    extra_args: list[str] = Field(default_factory=list)  # more sbatch flags, e.g. ["--constraint=a100"]
+    segment: SlurmStageConfig = Field(default_factory=lambda: SlurmStageConfig(mem="32G"))
+    reconstruct: SlurmStageConfig = Field(default_factory=lambda: SlurmStageConfig(mem="64G"))
+
+    def stage(self, name: str) -> SlurmStageConfig:
+        """The resources of stage ``name``'s array tasks."""
+        return getattr(self, name)
+
+
 class PipelineConfig(_Section):
     """The whole resolved configuration."""
 
@@ -198,6 +230,7 @@ class PipelineConfig(_Section):
     vlm: VLMConfig = Field(default_factory=VLMConfig)
     agent: AgentConfig = Field(default_factory=AgentConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     def stage(self, name: str) -> SegmentConfig | ReconstructConfig:
         """The config section of stage ``name`` (``segment`` or ``reconstruct``)."""

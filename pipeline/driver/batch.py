@@ -32,7 +32,7 @@ from pipeline.handoff import MANIFEST_NAME, MASKS_DIR, OBJECTS_DIR, MaskManifest
 
 __all__ = [
     "BatchItem", "ItemResult", "SHORTCUTS", "IMAGE_SUFFIXES", "EXIT_STOPPED", "read_items", "run_batch",
-    "write_summary", "SUMMARY_NAME",
+    "write_summary", "SUMMARY_NAME", "requests_for",
 ]
 
 SUMMARY_NAME = "batch.json"
@@ -221,7 +221,7 @@ def _raise_stopped(signum: int, frame: Any) -> None:
     raise _Stopped(signal.Signals(signum).name)
 
 
-def _requests(items: Sequence[BatchItem], config: PipelineConfig, stages: tuple[str, ...],
+def requests_for(items: Sequence[BatchItem], config: PipelineConfig, stages: tuple[str, ...],
               force: frozenset[str], from_stage: str | None) -> Iterator[tuple[BatchItem, RunRequest | str]]:
     for item in items:
         if item.error is not None:
@@ -284,7 +284,7 @@ def run_batch(
     Returns the exit code (see the module docstring)."""
     from pipeline.driver.batch_view import BatchView
 
-    pairs = list(_requests(items, config, stages, force, from_stage))
+    pairs = list(requests_for(items, config, stages, force, from_stage))
     if dry_run:
         return _print_plan(pairs)
     started = now_iso()

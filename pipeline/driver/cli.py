@@ -7,6 +7,7 @@ This module only parses arguments, builds requests and maps errors to exit codes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -176,8 +177,16 @@ def _add_batch_command(sub: Any, common: argparse.ArgumentParser) -> None:
     batch.add_argument("--out", type=Path, required=True, metavar="ROOT", help="batch root: one run directory per image under it")
     batch.add_argument("--stages", default=",".join(STAGE_NAMES), help=f"comma-separated stages to run (default: {','.join(STAGE_NAMES)})")
     batch.add_argument("--summary", type=Path, metavar="FILE", help="where to write the summary (default: ROOT/batch.json)")
+    batch.add_argument("--executor", choices=("local", "slurm"), default="local",
+                       help="local: this machine (default); slurm: shards as array jobs (options: --set slurm.*)")
+    batch.add_argument("--slurm-task", action="store_true", help=argparse.SUPPRESS)  # a shard inside a SLURM task
     _add_rerun_flags(batch)
     batch.set_defaults(handler=_cmd_batch)
+    status = sub.add_parser("batch-status", parents=[common], help="state of a SLURM batch per shard and image; --resume")
+    status.add_argument("root", type=Path, metavar="ROOT", help="the batch root given to `batch --out`")
+    status.add_argument("--resume", action="store_true", help="resubmit the images that failed or never finished")
+    status.add_argument("--dry-run", action="store_true", help="with --resume: print what would be submitted")
+    status.set_defaults(handler=_cmd_batch_status)
 
 
 def _cmd_batch(args: argparse.Namespace, config: PipelineConfig) -> int:
@@ -189,8 +198,26 @@ def _cmd_batch(args: argparse.Namespace, config: PipelineConfig) -> int:
     items = read_items(images=args.images or (), list_file=args.list_file, query=args.query,
                        prompts=_split_prompts(args.prompt), out_root=args.out)
     summary = args.summary or args.out / SUMMARY_NAME
-    return run_batch(config, items, stages=tuple(s for s in STAGE_NAMES if s in stages), force=force,
-                     from_stage=from_stage, summary_path=summary, dry_run=args.dry_run)
+    ordered = tuple(s for s in STAGE_NAMES if s in stages)
+    if args.executor == "slurm":
+        from pipeline.driver.slurm import submit_batch
+
+        return submit_batch(config, items, root=args.out, stages=ordered, force=force, from_stage=from_stage,
+                            dry_run=args.dry_run)
+    code = run_batch(config, items, stages=ordered, force=force, from_stage=from_stage, summary_path=summary,
+                     dry_run=args.dry_run)
+    if args.slurm_task and not args.dry_run:
+        from pipeline.driver.slurm import task_exit_code
+
+        statuses = [i["status"] for i in json.loads(summary.read_text())["items"]] if summary.exists() else []
+        return task_exit_code(statuses, code)
+    return code
+
+
+def _cmd_batch_status(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from pipeline.driver.slurm import batch_status
+
+    return batch_status(args.root, resume=args.resume, dry_run=args.dry_run)
 
 
 def _cmd_envs_create(args: argparse.Namespace, config: PipelineConfig) -> int:

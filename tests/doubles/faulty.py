@@ -4,7 +4,9 @@ Both extend :class:`~tests.doubles.segmenters.ColorBlobSegmenterDouble` (same ma
 
 - :class:`HangingSegmenterDouble` sleeps for an hour when asked for the phrase ``hang`` (a stuck model);
 - :class:`PrefetchLogSegmenterDouble` appends one line per :meth:`prefetch` call to the file named by
-  ``segment.options.prefetch_log``: the number of images the engine handed over together.
+  ``segment.options.prefetch_log``: the number of images the engine handed over together;
+- :class:`MarkerFailSegmenterDouble` fails every image while the file named by ``segment.options.fail_if_exists``
+  exists (a fault that the test can clear, as a user fixes a broken node).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from PIL import Image
 from pipeline.backends.base import Detections
 from tests.doubles.segmenters import ColorBlobSegmenterDouble
 
-__all__ = ["HangingSegmenterDouble", "PrefetchLogSegmenterDouble"]
+__all__ = ["HangingSegmenterDouble", "PrefetchLogSegmenterDouble", "MarkerFailSegmenterDouble"]
 
 
 class HangingSegmenterDouble(ColorBlobSegmenterDouble):
@@ -36,3 +38,13 @@ class PrefetchLogSegmenterDouble(ColorBlobSegmenterDouble):
     def prefetch(self, images: Sequence[Image.Image]) -> None:
         with Path(self.config.options["prefetch_log"]).open("a") as log:
             log.write(f"{len(images)}\n")
+
+
+class MarkerFailSegmenterDouble(ColorBlobSegmenterDouble):
+    """Raises on every image while ``options.fail_if_exists`` names an existing file."""
+
+    def predict(self, phrases: Sequence[str]) -> list[Detections]:
+        marker = self.config.options.get("fail_if_exists")
+        if marker and Path(marker).exists():
+            raise RuntimeError(f"failing on purpose: {marker} exists")
+        return super().predict(phrases)
