@@ -75,6 +75,7 @@ class Sam3Config(_Section):
     compile: bool = False
     redownload: bool = False
     random_weights: bool = False  # benchmarks/tests only: build without loading any checkpoint
+    prefetch_batch: int = Field(1, ge=1, le=32)  # images per batched backbone pass in a job group; 1 = off
 
 
 class Sam3dConfig(_Section):

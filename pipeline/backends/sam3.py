@@ -18,6 +18,7 @@ cut at logit 0, boxes XYXY in input pixels.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -58,6 +59,7 @@ class Sam3Segmenter(Segmenter):
         self.timings: dict[str, float] = {}
         self._text_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._image: dict[str, Any] | None = None
+        self._prefetched: dict[str, dict[str, Any]] = {}
         t0 = time.perf_counter()
         self.model = self._build()
         self.timings["build_s"] = time.perf_counter() - t0
@@ -125,19 +127,45 @@ class Sam3Segmenter(Segmenter):
             yield
 
     def set_image(self, image: Image.Image) -> None:
-        """Run the ViT backbone on one RGB image (resized to 1008×1008); keep its features for ``predict``."""
+        """Run the ViT backbone on one RGB image (resized to 1008×1008); keep its features for ``predict``.
+        An image handed to :meth:`prefetch` before reuses the features of that batched pass."""
+        width, height = image.size
+        backbone_out = self._prefetched.pop(_image_key(image), None)
+        if backbone_out is None:
+            with self._inference():
+                backbone_out = self.model.backbone.forward_image(self._pixels(image).unsqueeze(0))
+            # drop what the grounding path does not read (sam2_backbone_out is only for the interactive head)
+            backbone_out.pop("sam2_backbone_out", None)
+        self._image = {"backbone_out": backbone_out, "height": height, "width": width}
+
+    def prefetch(self, images: Sequence[Image.Image]) -> None:
+        """With ``segment.sam3.prefetch_batch`` = N > 1: run the backbone once over up to N images at a time and
+        keep each image's features (keyed by its pixels) until :meth:`set_image` takes them; features of images
+        never taken are dropped at the next call. Off by default: batched bf16 kernels may round differently
+        from the one-image path (docs/segment.md has the measured differences and speed-up)."""
+        self._prefetched = {}
+        per_pass = self.config.sam3.prefetch_batch
+        if len(images) < 2 or per_pass < 2:
+            return
+        keys = [_image_key(im) for im in images]
+        for start in range(0, len(images), per_pass):
+            chunk = images[start : start + per_pass]
+            with self._inference():
+                batch = self._torch.stack([self._pixels(im) for im in chunk])
+                out = self.model.backbone.forward_image(batch)
+            out.pop("sam2_backbone_out", None)
+            for i, key in enumerate(keys[start : start + len(chunk)]):
+                self._prefetched[key] = _select(out, i, len(chunk))
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        """(3, 1008, 1008) float in [-1, 1] on the device, as upstream's Sam3Processor prepares an image:
+        uint8 square resize (antialiased), then [0, 1] → [-1, 1]."""
         from torchvision.transforms import v2
 
-        width, height = image.size
         with self._inference():
             pixels = v2.functional.pil_to_tensor(image.convert("RGB")).to(self.device, non_blocking=True)
-            # as upstream's Sam3Processor: uint8 square resize (antialiased), then [0, 1] → [-1, 1]
             pixels = v2.functional.resize(pixels, [RESOLUTION, RESOLUTION], antialias=True)
-            pixels = (pixels.float() / 255.0 - 0.5) / 0.5
-            backbone_out = self.model.backbone.forward_image(pixels.unsqueeze(0))
-        # drop what the grounding path does not read (sam2_backbone_out is only for the interactive head)
-        backbone_out.pop("sam2_backbone_out", None)
-        self._image = {"backbone_out": backbone_out, "height": height, "width": width}
+            return (pixels.float() / 255.0 - 0.5) / 0.5
 
     def predict(self, phrases: Sequence[str]) -> list[Detections]:
         """One :class:`Detections` per phrase, in order, against the image last given to :meth:`set_image`."""
@@ -177,6 +205,12 @@ class Sam3Segmenter(Segmenter):
 
     def _ground(self, phrases: list[str]) -> list[Detections]:
         """One batched grounding pass: P queries (image 0, text i) over the cached image features."""
+        with self._inference():
+            return self._to_detections(phrases, self.grounding_outputs(phrases))
+
+    def grounding_outputs(self, phrases: list[str]) -> dict[str, Any]:
+        """The model's raw grounding outputs for ``phrases`` against the current image (see
+        :meth:`_to_detections` for the shapes); public for the GPU equivalence checks."""
         from sam3.model.data_misc import FindStage
 
         torch = self._torch
@@ -193,13 +227,12 @@ class Sam3Segmenter(Segmenter):
                 input_points=None,
                 input_points_mask=None,
             )
-            out = self.model.forward_grounding(
+            return self.model.forward_grounding(
                 backbone_out=backbone_out,
                 find_input=find,
                 find_target=None,
                 geometric_prompt=self.model._get_dummy_prompt(num_prompts=n),
             )
-            return self._to_detections(phrases, out)
 
     def _to_detections(self, phrases: list[str], out: dict[str, Any]) -> list[Detections]:
         """Scores, threshold, boxes to pixels, masks to input resolution; one host copy per phrase."""
@@ -234,6 +267,24 @@ class Sam3Segmenter(Segmenter):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _image_key(image: Image.Image) -> str:
+    """Identity of an image's pixels (size, mode and a hash of the RGB bytes): a re-read file matches."""
+    rgb = image.convert("RGB")
+    return f"{rgb.size}:" + hashlib.blake2b(rgb.tobytes(), digest_size=16).hexdigest()
+
+
+def _select(value: Any, i: int, n: int) -> Any:
+    """Image ``i`` of a batched backbone output: tensors with a leading batch dim of ``n`` are sliced to
+    ``[i:i+1]`` (kept 4-D, as the one-image path makes them); lists, tuples and dicts are walked."""
+    if isinstance(value, dict):
+        return {k: _select(v, i, n) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_select(v, i, n) for v in value)
+    if hasattr(value, "shape") and len(value.shape) and value.shape[0] == n:
+        return value[i : i + 1]
+    return value
 
 
 def _build_on_device(build: Any, device: torch.device) -> Any:
