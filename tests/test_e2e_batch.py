@@ -47,6 +47,15 @@ def _wait_for(predicate, timeout: float = 60.0) -> None:  # noqa: ANN001 - a cal
     raise AssertionError("condition not met in time")
 
 
+def _start_batch(config: Path, photos: Path, root: Path, *, delay_s: float) -> subprocess.Popen:
+    """``python -m pipeline batch`` over ``photos`` in the background, ``delay_s`` per reconstructed object."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "batch", "--images", str(photos), "--prompt", "red box", "--out", str(root),
+         "--config", str(config), "--set", f"reconstruct.options={{delay_s: {delay_s}}}"],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
 def _worker_pids(config: Path, stage: str) -> list[int]:
     return processes_matching(f"pipeline.stages.{stage}", _state(config))
 
@@ -108,11 +117,7 @@ def test_jsonl_lines_carry_their_own_requests_and_bad_lines_are_reported(venv_co
 def test_a_worker_killed_mid_batch_fails_only_its_image(venv_config: Path, tmp_path: Path) -> None:
     photos = _images(tmp_path / "photos", 5)
     root = tmp_path / "batch"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "batch", "--images", str(photos), "--prompt", "red box", "--out", str(root),
-         "--config", str(venv_config), "--set", "reconstruct.options={delay_s: 0.4}"],
-        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    driver = _start_batch(venv_config, photos, root, delay_s=0.4)
     _wait_for(lambda: len(list(root.glob("*/objects/manifest.json"))) >= 1)
     (victim,) = _worker_pids(venv_config, "reconstruct")
     os.kill(victim, signal.SIGKILL)
@@ -159,11 +164,7 @@ def test_ctrl_c_mid_batch_stops_everything_and_keeps_finished_images(venv_config
 def test_a_killed_driver_takes_its_workers_with_it(venv_config: Path, tmp_path: Path) -> None:
     photos = _images(tmp_path / "photos", 3)
     root = tmp_path / "batch"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "batch", "--images", str(photos), "--prompt", "red box", "--out", str(root),
-         "--config", str(venv_config), "--set", "reconstruct.options={delay_s: 5}"],
-        cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    driver = _start_batch(venv_config, photos, root, delay_s=5)
     _wait_for(lambda: bool(_worker_pids(venv_config, "reconstruct")) and bool(list(root.glob("*/objects.partial"))))
     driver.kill()
     driver.wait()
