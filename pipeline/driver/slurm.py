@@ -371,9 +371,11 @@ def _resubmit(redo: list[tuple[dict[str, Any], dict[str, str]]], config: Pipelin
     sub = redo[-1][0]
     cfg = config or PipelineConfig.model_validate(json.loads((Path(sub["dir"]) / "config.json").read_text()))
     wanted = {item["run_dir"] for _, item in redo}
-    items: list[BatchItem] = []
+    by_run: dict[str, BatchItem] = {}  # the newest line of each run dir (an image may sit in several submissions)
     for shard_file in sorted({Path(s["dir"]) / sh["file"] for s, _ in redo for sh in s["shards"]}):
-        items += [it for it in read_items(list_file=shard_file, out_root=root) if str(it.run_dir) in wanted]
+        by_run.update({str(it.run_dir): it for it in read_items(list_file=shard_file, out_root=root)
+                       if str(it.run_dir) in wanted})
+    items = list(by_run.values())
     print(f"resume: resubmitting {len(items)} image(s)")
     stages = tuple(s for s in STAGE_NAMES if s in sub["stages"])
     return submit_batch(cfg, items, root=root, stages=stages, dry_run=dry_run)
