@@ -229,6 +229,7 @@ class Sam3dReconstructor(Reconstructor):
             self.notes.append(note)
         self.flags = self._decide_postprocess(cfg)
         self.settings = resolve_settings(cfg)
+        self.phases: dict[str, float] | None = None  # set to {} to collect per-phase seconds of batched runs
         t0 = time.perf_counter()
         try:
             self.pipeline = self._build(pipeline_yaml, cfg)
@@ -378,8 +379,9 @@ class Sam3dReconstructor(Reconstructor):
 
         objects = [ObjectInput(mask=m, seed=int(s)) for m, s in zip(masks, seeds, strict=True)]
         return reconstruct_batch(
-            self.pipeline, context.image, context.pointmap, objects, settings=self.settings, flags=self.flags
-        )
+            self.pipeline, context.image, context.pointmap, objects, settings=self.settings, flags=self.flags,
+            phases=self.phases,
+        )  # fmt: skip
 
     def reconstruct_many(
         self,
@@ -409,6 +411,9 @@ class Sam3dReconstructor(Reconstructor):
             return [self._to_reconstruction(context, out, per_object, extra) for out in outputs]
 
         def on_oom() -> None:
+            import gc
+
+            gc.collect()
             torch.cuda.empty_cache()
 
         def is_oom(exc: BaseException) -> bool:
@@ -438,7 +443,7 @@ class Sam3dReconstructor(Reconstructor):
         gaussians = gaussians_from_sam3d(gs) if gs is not None else None
         if gaussians is None and "gaussian_4" in self.settings.decode_formats and output.get("gs_4") is not None:
             gaussians = gaussians_from_sam3d(output["gs_4"])
-        notes = list(context.notes) + list(extra_notes)
+        notes = list(context.notes) + list(extra_notes) + list(output.get("notes", []))
         if "iou" in output:
             notes.append(f"layout post-optimisation: IoU {float(output['iou']):.3f}")
         voxels = int(output["coords"].shape[0]) if "coords" in output else -1

@@ -18,6 +18,7 @@ for the duration of one call.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -166,52 +167,105 @@ def _stage2(pipeline: Any, slat_in: dict[str, Any], coords: Sequence[Any], noise
             return slat * pipeline.slat_std.to(device) + pipeline.slat_mean.to(device)
 
 
+@contextlib.contextmanager
+def _phase(phases: dict[str, float] | None, name: str) -> Iterator[None]:
+    """Add the wall time of the block (GPU synchronised at both ends) to ``phases[name]`` when given."""
+    if phases is None:
+        yield
+        return
+    import torch
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    yield
+    torch.cuda.synchronize()
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+
+
 def reconstruct_batch(pipeline: Any, image: np.ndarray, pointmap: Any, objects: Sequence[ObjectInput], *,
-                      settings: Any, flags: dict[str, bool]) -> list[dict[str, Any]]:  # fmt: skip
+                      settings: Any, flags: dict[str, bool],
+                      phases: dict[str, float] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Reconstruct ``objects`` of one ``image`` ((H, W, 3) uint8) in one batch.
 
     ``pointmap``: (H, W, 3) shared pointmap (PyTorch3D camera frame); ``settings``: a
     :class:`~pipeline.backends.sam3d_presets.SamplerSettings`; ``flags``: the mesh post-processing flags of
     upstream's ``run()``. Returns one dict per object with the keys of upstream's ``run()`` output that the
-    backend reads (``rotation``, ``translation``, ``scale``, ``coords``, ``gs``, ``gs_4``, ``glb``).
+    backend reads (``rotation``, ``translation``, ``scale``, ``coords``, ``gs``, ``gs_4``, ``glb``) plus
+    ``ss_occupied`` ((64, 64, 64) bool, the decoded sparse structure before pruning). ``phases``, when given,
+    accumulates seconds per phase: ``inputs``, ``stage1``, ``structure``, ``stage2``, ``decode``, ``to_glb``.
     """
     import torch
 
     device = torch.device(pipeline.device)
     size = len(objects)
-    with torch.device(device):
+    with torch.device(device), _phase(phases, "inputs"):
         ss_list, slat_list = [], []
         for obj in objects:
             rgba = pipeline.merge_image_and_mask(image, np.where(obj.mask, 255, 0).astype(np.uint8))
             points = pipeline.compute_pointmap(rgba, pointmap)["pointmap"]
             ss_list.append(pipeline.preprocess_image(rgba, pipeline.ss_preprocessor, pointmap=points))
             slat_list.append(pipeline.preprocess_image(rgba, pipeline.slat_preprocessor))
-        generators = [torch.Generator(device=device).manual_seed(int(o.seed)) for o in objects]
         ss_in = _cat_inputs(ss_list)
-        out = _stage1(pipeline, ss_in, ObjectNoise(generators, [1] * size, 0), settings.stage1_steps,
-                      settings.stage1_distillation)  # fmt: skip
-        results: list[dict[str, Any]] = []
-        coords = []
-        for j in range(size):
-            obj_coords, factor = _object_coords(pipeline, out["occupied"][j])
-            one = _object_slice(out, j, size)
-            one.pop("occupied", None)
-            one.update(pipeline.pose_decoder(one, scene_scale=ss_list[j].get("pointmap_scale"),
-                                             scene_shift=ss_list[j].get("pointmap_shift")))  # fmt: skip
-            one["scale"] = one["scale"] * factor
-            one["coords"], one["downsample_factor"] = obj_coords, factor
-            coords.append(obj_coords)
-            results.append(one)
+        slat_in = _cat_inputs(slat_list)
+    with torch.device(device):
+        generators = [torch.Generator(device=device).manual_seed(int(o.seed)) for o in objects]
+        with _phase(phases, "stage1"):
+            out = _stage1(pipeline, ss_in, ObjectNoise(generators, [1] * size, 0), settings.stage1_steps,
+                          settings.stage1_distillation)  # fmt: skip
+        with _phase(phases, "structure"):
+            results, coords = _structures(pipeline, out, ss_list, size)
         noise2 = ObjectNoise(generators, [c.shape[0] for c in coords], 1)
-        slat = _stage2(pipeline, _cat_inputs(slat_list), coords, noise2, settings.stage2_steps,
-                       settings.stage2_distillation)  # fmt: skip
-        decoded = pipeline.decode_slat(slat, list(settings.decode_formats))
+        with _phase(phases, "stage2"):
+            slat = _stage2(pipeline, slat_in, coords, noise2, settings.stage2_steps, settings.stage2_distillation)
+        with _phase(phases, "decode"):
+            decoded, note = _decode(pipeline, slat, list(settings.decode_formats), size)
+        if note:
+            for one in results:
+                one.setdefault("notes", []).append(note)
         for key, values in decoded.items():
             if len(values) != size:
                 raise RuntimeError(f"decoder {key!r} returned {len(values)} results for {size} objects")
-        for j, one in enumerate(results):
-            per_object = {key: [values[j]] for key, values in decoded.items()}
-            one.update(pipeline.postprocess_slat_output(
-                per_object, flags["with_mesh_postprocess"], flags["with_texture_baking"], flags["use_vertex_color"]
-            ))  # fmt: skip
+        with _phase(phases, "to_glb"):
+            for j, one in enumerate(results):
+                per_object = {key: [values[j]] for key, values in decoded.items()}
+                one.update(pipeline.postprocess_slat_output(
+                    per_object, flags["with_mesh_postprocess"], flags["with_texture_baking"], flags["use_vertex_color"]
+                ))  # fmt: skip
     return results
+
+
+def _decode(pipeline: Any, slat: Any, formats: list[str], size: int) -> tuple[dict[str, list], str | None]:
+    """Decoders on the whole batch; on CUDA OOM, object by object (the flows' work is kept). Returns a note then."""
+    import gc
+
+    import torch
+
+    try:
+        return pipeline.decode_slat(slat, formats), None
+    except torch.cuda.OutOfMemoryError:
+        pass
+    gc.collect()
+    torch.cuda.empty_cache()
+    decoded: dict[str, list] = {}
+    for j in range(size):
+        for key, values in pipeline.decode_slat(slat[j], formats).items():
+            decoded.setdefault(key, []).extend(values)
+    return decoded, f"decoders ran object by object (CUDA out of memory decoding {size} objects at once)"
+
+
+def _structures(pipeline: Any, out: dict[str, Any], ss_list: Sequence[dict[str, Any]],
+                size: int) -> tuple[list[dict[str, Any]], list[Any]]:  # fmt: skip
+    """Per object: voxels (pruned/downsampled) and the decoded pose, from the batched stage-1 output."""
+    results, coords = [], []
+    for j in range(size):
+        obj_coords, factor = _object_coords(pipeline, out["occupied"][j])
+        one = _object_slice(out, j, size)
+        one.pop("occupied", None)
+        one.update(pipeline.pose_decoder(one, scene_scale=ss_list[j].get("pointmap_scale"),
+                                         scene_shift=ss_list[j].get("pointmap_shift")))  # fmt: skip
+        one["scale"] = one["scale"] * factor
+        one["coords"], one["downsample_factor"] = obj_coords, factor
+        one["ss_occupied"] = out["occupied"][j]
+        coords.append(obj_coords)
+        results.append(one)
+    return results, coords

@@ -60,11 +60,13 @@ def run_in_groups(
     start = 0
     while start < n_objects:
         group = list(range(start, min(start + size, n_objects)))
+        results: list[R] | None = None
         try:
             results = list(run_group(group))
         except BaseException as exc:  # noqa: BLE001 - classified just below
             if len(group) == 1 or not is_oom(exc):
                 raise
+        if results is None:  # out of memory; the failed group's frames are released by now
             if on_oom is not None:
                 on_oom()
             size = max(1, len(group) // 2)
