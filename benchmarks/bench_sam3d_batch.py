@@ -42,6 +42,7 @@ from pipeline.backends.sam3d_presets import PRESETS  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
 
 SEED = 42
+BATCH_NOTES = ("reconstructed in a batch", "CUDA out of memory", "decoders ran")
 PHASES = ("inputs", "stage1", "structure", "stage2", "decode", "to_glb")
 
 
@@ -137,9 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--equiv-objects", type=int, default=3)
     parser.add_argument("--equiv-steps", type=int, default=8)
     parser.add_argument("--budget-s", type=float, default=460.0)
+    parser.add_argument("--no-equivalence", action="store_true")
+    parser.add_argument("--stage-run", type=Path, help="then drive the stage worker on a run dir built here")
+    parser.add_argument("--stage-preset", default="fast")
+    parser.add_argument("--stage-objects", type=int, default=4)
+    parser.add_argument("--render", type=Path, help="only re-render --json as Markdown to --out (no GPU)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.render:
+        args.out.write_text(to_markdown(json.loads(args.render.read_text(encoding="utf-8")), args), encoding="utf-8")
+        return 0
 
     import torch
 
@@ -210,12 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
         phases, rec.phases = rec.phases, None
-        batch_notes = sorted({note for r in out for note in r.notes if "batch" in note})
+        batch_notes = sorted({note for r in out for note in r.notes if note.startswith(BATCH_NOTES)})
         return {"objects": n, "wall_s": wall, "per_object_s": wall / n, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                 "phases_s": phases, "notes": batch_notes}  # fmt: skip
 
     bench.section("warmup", warmup)
-    bench.section("equivalence", equivalence)
+    if not args.no_equivalence:
+        bench.section("equivalence", equivalence)
     est: dict[str, float] = {}
     for preset in args.presets.split(","):
         base = bench.section(f"{preset}/one-by-one", one_by_one, preset, args.one_by_one if preset == "quality" else 2)
@@ -227,9 +237,28 @@ def main(argv: list[str] | None = None) -> int:
                 bench.save()
                 continue
             bench.section(f"{preset}/batched-{n}", batched, preset, n)
+    if args.stage_run:
+        bench.section("stage-run", stage_worker, args, rec)
     res["total_s"] = bench.elapsed()
     bench.save()
     return 0
+
+
+def stage_worker(args: argparse.Namespace, rec: Any) -> dict:
+    """The real reconstruct stage worker (batched path) on a fresh run dir; frees this process's models first."""
+    import gc
+
+    import torch
+
+    from benchmarks.bench_sam3d import stage_run
+
+    del rec.pipeline
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = make_config(args)
+    sam3d = base.reconstruct.sam3d.model_copy(update={"preset": args.stage_preset, "max_batch_objects": args.stage_objects})
+    config = base.model_copy(update={"reconstruct": base.reconstruct.model_copy(update={"sam3d": sam3d, "preview": False})})
+    return stage_run(config, args.stage_run, args.stage_objects)
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:
@@ -263,7 +292,8 @@ def to_markdown(res: dict, args: argparse.Namespace) -> str:
             speed = f"{ob / row['per_object_s']:.2f}×" if ob else "—"
             lines.append(
                 f"| {preset} | {n} | {_fmt(ob)} | {row['per_object_s']:.2f} | {speed} | {row['wall_s']:.1f} | "
-                f"{_fmt(base['peak_gib'] if base else None, '.1f')} / {row['peak_gib']:.1f} | {'; '.join(row['notes'])} |"
+                f"{_fmt(base['peak_gib'] if base else None, '.1f')} / {row['peak_gib']:.1f} | "
+                f"{'; '.join(n for n in row['notes'] if n.startswith(BATCH_NOTES))} |"
             )
     lines += ["", "One-by-one = upstream `run()` per object (the stage before batching), median of the objects timed:"]
     for preset in args.presets.split(","):
