@@ -219,7 +219,7 @@ def profile_grounding(seg: Any, torch: Any) -> dict[str, float]:
 
 def bench_worker(args: argparse.Namespace, images: dict[str, Any], work: Path) -> dict[str, Any]:
     """Cold: one worker process per image. Warm: one worker serving 20 jobs. Real stage, real files."""
-    from pipeline import proc
+    from pipeline.driver import proc
     from pipeline.config import PipelineConfig
     from pipeline.handoff import INPUT_IMAGE, MANIFEST_NAME, MASKS_DIR
 

@@ -75,7 +75,7 @@ def stage_run(config: PipelineConfig, run_dir: Path, n_objects: int) -> dict:
     """Build a run dir and drive ``python -m pipeline.stages.reconstruct`` on it; returns a summary."""
     from PIL import Image
 
-    from pipeline import proc
+    from pipeline.driver import proc
     from pipeline.handoff import INPUT_IMAGE, MANIFEST_NAME, OBJECTS_DIR, ObjectsManifest, load_manifest
     from pipeline.stages.postprocess import Candidate
     from pipeline.stages.segment import write_masks

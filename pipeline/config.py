@@ -82,11 +82,14 @@ class Sam3dConfig(_Section):
     """Meta SAM 3D Objects inference pipeline knobs (see docs/reconstruct.md)."""
 
     checkpoint_dir: Path = Path("checkpoints/sam-3d-objects")
-    stage1_steps: int = Field(25, ge=1)
-    stage2_steps: int = Field(25, ge=1)
-    decode_formats: list[Literal["gaussian", "gaussian_4", "mesh"]] = Field(
-        default_factory=lambda: ["gaussian", "mesh"]
-    )
+    # preset: named sampler settings (pipeline/backends/sam3d_presets.py); a knob below left null comes from it
+    preset: Literal["quality", "fast", "preview"] = "quality"
+    stage1_steps: int | None = Field(None, ge=1)
+    stage2_steps: int | None = Field(None, ge=1)
+    decode_formats: list[Literal["gaussian", "gaussian_4", "mesh"]] | None = None
+    stage1_distillation: bool | None = None
+    stage2_distillation: bool | None = None
+    max_batch_objects: int = Field(4, ge=1)  # objects of one image per batched run; CUDA OOM halves it
     mesh_postprocess: bool = False
     texture_baking: bool = False
     layout_postprocess: bool = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -117,3 +117,23 @@ class Reconstructor(ABC):
     @abstractmethod
     def reconstruct(self, context: Any, mask: np.ndarray, seed: int) -> ObjectReconstruction:
         """Reconstruct the object under ``mask`` ((H, W) bool, input resolution) with a fixed ``seed``."""
+
+    def reconstruct_many(
+        self,
+        context: Any,
+        masks: Sequence[np.ndarray],
+        seeds: Sequence[int],
+        on_done: Callable[[int, ObjectReconstruction], None] | None = None,
+    ) -> list[ObjectReconstruction]:
+        """All objects of one image (``masks[i]`` with ``seeds[i]``), in order; ``on_done(i, rec)`` per object.
+
+        The default runs :meth:`reconstruct` one object at a time; a backend that batches objects overrides it
+        and must give each object the result it would get alone (same seed → same object).
+        """
+        results = []
+        for i, (mask, seed) in enumerate(zip(masks, seeds, strict=True)):
+            rec = self.reconstruct(context, mask, seed)
+            if on_done is not None:
+                on_done(i, rec)
+            results.append(rec)
+        return results

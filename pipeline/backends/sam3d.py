@@ -21,11 +21,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from pipeline.backends.base import GaussianSet, ObjectReconstruction, Reconstructor
+from pipeline.backends.sam3d_batching import run_in_groups
+from pipeline.backends.sam3d_presets import resolve_settings
 from pipeline.errors import BackendError, InputError
 from pipeline.handoff import Pose
 
@@ -204,7 +206,13 @@ def _select_attention_backend() -> str | None:
     import sam3d_objects.model.backbone.tdfy_dit.modules.attention  # noqa: F401
     import sam3d_objects.model.backbone.tdfy_dit.modules.sparse  # noqa: F401
 
-    return "flash_attn is not installed: attention runs on PyTorch SDPA (slower than the official setup)"
+    from pipeline.backends.sam3d_sdpa import install_varlen_sdpa
+
+    install_varlen_sdpa()
+    return (
+        "flash_attn is not installed: attention runs on PyTorch SDPA (slower than the official setup; "
+        "sparse attention as padded variable-length batches)"
+    )
 
 
 class Sam3dReconstructor(Reconstructor):
@@ -220,6 +228,8 @@ class Sam3dReconstructor(Reconstructor):
         if note:
             self.notes.append(note)
         self.flags = self._decide_postprocess(cfg)
+        self.settings = resolve_settings(cfg)
+        self.phases: dict[str, float] | None = None  # set to {} to collect per-phase seconds of batched runs
         t0 = time.perf_counter()
         try:
             self.pipeline = self._build(pipeline_yaml, cfg)
@@ -320,7 +330,7 @@ class Sam3dReconstructor(Reconstructor):
 
     def run_object(self, context: Sam3dContext, mask: np.ndarray, seed: int, *, pointmap: Any = "shared") -> dict:
         """One upstream ``run()``; ``pointmap=None`` makes it recompute the pointmap (for benchmarks only)."""
-        cfg = self.config.sam3d
+        st = self.settings
         mask_u8 = np.where(mask, 255, 0).astype(np.uint8)
         shared = context.pointmap if isinstance(pointmap, str) else pointmap
         try:
@@ -328,9 +338,11 @@ class Sam3dReconstructor(Reconstructor):
                 context.image,
                 mask_u8,
                 seed=seed,
-                stage1_inference_steps=cfg.stage1_steps,
-                stage2_inference_steps=cfg.stage2_steps,
-                decode_formats=list(cfg.decode_formats),
+                stage1_inference_steps=st.stage1_steps,
+                stage2_inference_steps=st.stage2_steps,
+                use_stage1_distillation=st.stage1_distillation,
+                use_stage2_distillation=st.stage2_distillation,
+                decode_formats=list(st.decode_formats),
                 pointmap=shared,
                 **self.flags,
             )
@@ -338,21 +350,100 @@ class Sam3dReconstructor(Reconstructor):
             self._raise_if_oom(exc, f"reconstructing an object (seed {seed})")
             raise
 
-    def reconstruct(self, context: Sam3dContext, mask: np.ndarray, seed: int) -> ObjectReconstruction:
-        """Reconstruct the object under ``mask`` ((H, W) bool at image resolution) with ``seed``."""
+    @staticmethod
+    def _check_mask(context: Sam3dContext, mask: np.ndarray) -> np.ndarray:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != context.image.shape[:2]:
             raise InputError(f"mask is {mask.shape[::-1]} but the image is {context.image.shape[1::-1]} (W×H)")
         if not mask.any():
             raise InputError("mask is empty: nothing to reconstruct", hint="drop the object or lower segment.min_area_px")
+        return mask
+
+    def reconstruct(self, context: Sam3dContext, mask: np.ndarray, seed: int) -> ObjectReconstruction:
+        """Reconstruct the object under ``mask`` ((H, W) bool at image resolution) with ``seed``, alone.
+
+        This is upstream's own ``run()`` (global-RNG seeding); :meth:`reconstruct_many` is the batched path.
+        """
+        mask = self._check_mask(context, mask)
         t0 = time.perf_counter()
         output = self.run_object(context, mask, seed)
-        run_s = time.perf_counter() - t0
+        return self._to_reconstruction(context, output, time.perf_counter() - t0, [])
+
+    def batch_supported(self) -> bool:
+        """False when layout post-optimisation would run (it needs upstream's per-object ``run()``)."""
+        return not (self.flags["with_layout_postprocess"] and self.pipeline.layout_post_optimization_method is not None)
+
+    def run_batch(self, context: Sam3dContext, masks: Sequence[np.ndarray], seeds: Sequence[int]) -> list[dict]:
+        """Upstream-format outputs of a group of objects run as one batch (see :mod:`sam3d_batch`)."""
+        from pipeline.backends.sam3d_batch import ObjectInput, reconstruct_batch
+
+        objects = [ObjectInput(mask=m, seed=int(s)) for m, s in zip(masks, seeds, strict=True)]
+        return reconstruct_batch(
+            self.pipeline, context.image, context.pointmap, objects, settings=self.settings, flags=self.flags,
+            phases=self.phases,
+        )  # fmt: skip
+
+    def reconstruct_many(
+        self,
+        context: Sam3dContext,
+        masks: Sequence[np.ndarray],
+        seeds: Sequence[int],
+        on_done: Callable[[int, ObjectReconstruction], None] | None = None,
+    ) -> list[ObjectReconstruction]:
+        """All objects of one image in batches of ≤ ``reconstruct.sam3d.max_batch_objects``; OOM halves it.
+
+        Every object draws its noise from its own generator seeded with ``seeds[i]``, so a result does not
+        depend on the batch it ran in. ``timings["run_s"]`` of an object is its batch's wall time divided by
+        the batch size.
+        """
+        import torch
+
+        if not self.batch_supported():
+            return super().reconstruct_many(context, masks, seeds, on_done)
+        masks = [self._check_mask(context, m) for m in masks]
+
+        def run_group(indices: list[int]) -> list[ObjectReconstruction]:
+            t0 = time.perf_counter()
+            outputs = self.run_batch(context, [masks[i] for i in indices], [seeds[i] for i in indices])
+            torch.cuda.synchronize(self.device)
+            per_object = (time.perf_counter() - t0) / len(indices)
+            extra = [f"reconstructed in a batch of {len(indices)} object(s)"]
+            return [self._to_reconstruction(context, out, per_object, extra) for out in outputs]
+
+        def on_oom() -> None:
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
+        def is_oom(exc: BaseException) -> bool:
+            return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+        def done(indices: list[int], recs: Sequence[ObjectReconstruction]) -> None:
+            for i, rec in zip(indices, recs):
+                if on_done is not None:
+                    on_done(i, rec)
+
+        try:
+            run = run_in_groups(
+                len(masks), run_group, self.config.sam3d.max_batch_objects, is_oom=is_oom, on_oom=on_oom,
+                on_done=done,
+            )  # fmt: skip
+        except Exception as exc:
+            self._raise_if_oom(exc, "reconstructing one object (batch of 1)")
+            raise
+        for rec in run.results:
+            rec.notes.extend(n for n in run.notes if n not in rec.notes)
+        return run.results
+
+    def _to_reconstruction(
+        self, context: Sam3dContext, output: dict, run_s: float, extra_notes: list[str]
+    ) -> ObjectReconstruction:
         gs = output.get("gs")
         gaussians = gaussians_from_sam3d(gs) if gs is not None else None
-        if gaussians is None and "gaussian_4" in self.config.sam3d.decode_formats and output.get("gs_4") is not None:
+        if gaussians is None and "gaussian_4" in self.settings.decode_formats and output.get("gs_4") is not None:
             gaussians = gaussians_from_sam3d(output["gs_4"])
-        notes = list(context.notes)
+        notes = list(context.notes) + list(extra_notes) + list(output.get("notes", []))
         if "iou" in output:
             notes.append(f"layout post-optimisation: IoU {float(output['iou']):.3f}")
         voxels = int(output["coords"].shape[0]) if "coords" in output else -1

@@ -147,5 +147,9 @@ def random_weight_pipeline_class(base: type) -> type:
             out["downsample_factor"] = 1
             return out
 
+        def object_structure(self, coords):
+            """Batched path (:mod:`pipeline.backends.sam3d_batch`): one object's voxels → the shell, factor 1."""
+            return sphere_shell_coords(device=coords.device), 1
+
     RandomWeightsPipeline.__name__ = f"RandomWeights{base.__name__}"
     return RandomWeightsPipeline
