@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--objects", default="1,2,4,8")
     parser.add_argument("--presets", default="quality,fast")
-    parser.add_argument("--one-by-one", type=int, default=3, help="objects timed one by one per preset")
+    parser.add_argument("--one-by-one", type=int, default=2, help="objects timed one by one per preset and round")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of one-by-one and batched timings")
+    parser.add_argument("--round-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[4],
+                        help="batch sizes repeated in rounds after the first")
     parser.add_argument("--equiv-objects", type=int, default=3)
     parser.add_argument("--equiv-steps", type=int, default=8)
     parser.add_argument("--budget-s", type=float, default=460.0)
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     res["torch"] = torch.__version__
     res["python"] = platform.python_version()
     res["date"] = date.today().isoformat()
+    res["cpu"] = cpu_model()
     res["random_weights"] = args.random_weights
     sizes = [int(n) for n in args.objects.split(",")]
     image = synthetic_image()
@@ -220,28 +224,59 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t
         phases, rec.phases = rec.phases, None
         batch_notes = sorted({note for r in out for note in r.notes if note.startswith(BATCH_NOTES)})
-        return {"objects": n, "wall_s": wall, "per_object_s": wall / n, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "phases_s": phases, "notes": batch_notes}  # fmt: skip
+        return {"objects": n, "wall_s": wall, "per_object_s": wall / n, "runs_per_object_s": [wall / n],
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "phases_s": phases, "notes": batch_notes}  # fmt: skip
 
     bench.section("warmup", warmup)
     if not args.no_equivalence:
         bench.section("equivalence", equivalence)
-    est: dict[str, float] = {}
     for preset in args.presets.split(","):
-        base = bench.section(f"{preset}/one-by-one", one_by_one, preset, args.one_by_one if preset == "quality" else 2)
-        est[preset] = base["median_s"] if base else 10.0
-        for n in sorted(sizes, key=lambda n: (n != 4, n != 8, n)):  # 4 and 8 first: the goal's rows
-            guess = 1.2 * est[preset] * n * 0.6 + 5
-            if bench.elapsed() + guess > args.budget_s:
-                res["skipped"].append(f"{preset}/batched-{n} (≈{guess:.0f} s left no room in --budget-s)")
-                bench.save()
-                continue
-            bench.section(f"{preset}/batched-{n}", batched, preset, n)
+        # Round 1 times every size; later rounds repeat one-by-one and the rounds' sizes (default 4) in
+        # alternation, so that a slow or fast stretch of the machine shows in both columns (medians reported).
+        for r in range(args.rounds):
+            name = f"{preset}/one-by-one"
+            base = bench.section(f"{name} (round {r + 1})", one_by_one, preset, args.one_by_one)
+            if base:
+                merge_rounds(res["sections"], name, base, ["per_object_s"], "median_s")
+            est = res["sections"].get(name, {}).get("median_s", 10.0)
+            round_sizes = sizes if r == 0 else [n for n in sizes if n in args.round_sizes]
+            for n in sorted(round_sizes, key=lambda n: (n != 4, n != 8, n)):  # 4 and 8 first: the goal's rows
+                guess = 1.2 * est * n * 0.6 + 5
+                if bench.elapsed() + guess > args.budget_s:
+                    res["skipped"].append(f"{preset}/batched-{n} round {r + 1} (≈{guess:.0f} s left no room in --budget-s)")
+                    bench.save()
+                    continue
+                row = bench.section(f"{preset}/batched-{n} (round {r + 1})", batched, preset, n)
+                if row:
+                    merge_rounds(res["sections"], f"{preset}/batched-{n}", row, ["runs_per_object_s"], "per_object_s")
     if args.stage_run:
         bench.section("stage-run", stage_worker, args, rec)
     res["total_s"] = bench.elapsed()
     bench.save()
     return 0
+
+
+def cpu_model() -> str:
+    """The host CPU's model name and core count (single-object runs are partly launch-bound: the host matters)."""
+    import os
+
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo", encoding="utf-8") if ln.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
+
+
+def merge_rounds(sections: dict[str, Any], name: str, row: dict, lists: list[str], median_key: str) -> None:
+    """Fold one round's ``row`` into ``sections[name]``: concatenate ``lists``, recompute ``median_key`` as the
+    median of the first list, keep the first round's phases and the highest peak memory."""
+    merged = sections.setdefault(name, dict(row))
+    if merged is not row and merged != row:
+        for key in lists:
+            merged[key] = list(merged.get(key, [])) + list(row.get(key, []))
+        merged["peak_gib"] = max(merged.get("peak_gib", 0.0), row.get("peak_gib", 0.0))
+    merged[median_key] = float(np.median(merged[lists[0]]))
+    merged["rounds"] = merged.get("rounds", 0) + 1
 
 
 def stage_worker(args: argparse.Namespace, rec: Any) -> dict:
@@ -272,7 +307,8 @@ def to_markdown(res: dict, args: argparse.Namespace) -> str:
         "",
         f"torch {res.get('torch')}, Python {res.get('python')}, weights: "
         f"{'random (no checkpoint)' if res.get('random_weights') else 'checkpoint'}, image 1024×768, elliptical masks, "
-        f"seeds {SEED}+i. Model build {_fmt(res.get('load_s'), '.1f')} s, pointmap {_fmt(res.get('prepare_s'))} s.",
+        f"seeds {SEED}+i. Model build {_fmt(res.get('load_s'), '.1f')} s, pointmap {_fmt(res.get('prepare_s'))} s. "
+        f"Host: {res.get('cpu', 'not recorded')}.",
         "",
     ]
     if "warmup" in sec:
@@ -280,7 +316,7 @@ def to_markdown(res: dict, args: argparse.Namespace) -> str:
         lines += [f"Warm-up (Triton JIT, steps {w['steps']}): upstream run() 1 object {w['upstream_run_1_object_s']:.1f} s, "
                   f"batched 2 objects {w['batched_2_objects_s']:.1f} s.", ""]  # fmt: skip
     lines += ["## Wall time per object", "",
-              "| preset | objects | one-by-one per object (s) | batched per object (s) | speed-up | batched wall (s) | peak GPU GiB one-by-one / batched | batch sizes run |",
+              "| preset | objects | one-by-one per object (s), median | batched per object (s), median | speed-up | batched runs per object (s) | peak GPU GiB one-by-one / batched | batch sizes run |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for preset in args.presets.split(","):
         base = sec.get(f"{preset}/one-by-one")
@@ -291,11 +327,13 @@ def to_markdown(res: dict, args: argparse.Namespace) -> str:
             ob = base["median_s"] if base else None
             speed = f"{ob / row['per_object_s']:.2f}×" if ob else "—"
             lines.append(
-                f"| {preset} | {n} | {_fmt(ob)} | {row['per_object_s']:.2f} | {speed} | {row['wall_s']:.1f} | "
+                f"| {preset} | {n} | {_fmt(ob)} | {row['per_object_s']:.2f} | {speed} | "
+                f"{', '.join(f'{t:.2f}' for t in row.get('runs_per_object_s', [row['per_object_s']]))} | "
                 f"{_fmt(base['peak_gib'] if base else None, '.1f')} / {row['peak_gib']:.1f} | "
                 f"{'; '.join(n for n in row['notes'] if n.startswith(BATCH_NOTES))} |"
             )
-    lines += ["", "One-by-one = upstream `run()` per object (the stage before batching), median of the objects timed:"]
+    lines += ["", "One-by-one = upstream `run()` per object (the stage before batching), median of the objects timed "
+              "(all rounds, in order):"]
     for preset in args.presets.split(","):
         base = sec.get(f"{preset}/one-by-one")
         if base:
@@ -303,7 +341,7 @@ def to_markdown(res: dict, args: argparse.Namespace) -> str:
     lines += ["", "## Where the time goes (batched runs, seconds per batch, GPU synchronised between phases)", "",
               "| run | " + " | ".join(PHASES) + " |", "| --- |" + " --- |" * len(PHASES)]  # fmt: skip
     for name, row in sec.items():
-        if "/batched-" in name and row.get("phases_s"):
+        if "/batched-" in name and "(round" not in name and row.get("phases_s"):
             lines.append(f"| {name} | " + " | ".join(_fmt(row["phases_s"].get(p)) for p in PHASES) + " |")
     if "equivalence" in sec:
         eq = sec["equivalence"]

@@ -51,5 +51,5 @@ def test_missing_pipeline_yaml(tmp_path):
 
 
 def test_oom_hint_names_every_knob():
-    for knob in ("max_objects", "stage1_steps", "stage2_steps", "decode_formats: [gaussian]", "reconstruct.device"):
+    for knob in ("max_objects", "max_batch_objects: 1", "preset: preview", "reconstruct.device"):
         assert knob in sam3d.OOM_HINT

@@ -49,8 +49,8 @@ PIPELINE_YAML = "pipeline.yaml"
 # Hydra targets a pipeline.yaml may name (the upstream notebook enforces the same allow-list).
 _ALLOWED_TARGET_PREFIXES = ("sam3d_objects.", "torch.", "torchvision.", "moge.")
 OOM_HINT = (
-    "reconstruct fewer objects (segment.max_objects), lower reconstruct.sam3d.stage1_steps / stage2_steps, "
-    "skip the mesh decoder (reconstruct.sam3d.decode_formats: [gaussian]), or run on another GPU with more free "
+    "reconstruct fewer objects (segment.max_objects) or fewer at once (reconstruct.sam3d.max_batch_objects: 1), "
+    "skip the mesh decoder (reconstruct.sam3d.preset: preview), or run on another GPU with more free "
     "memory (reconstruct.device: cuda:N; 32 GB or more is recommended)"
 )
 _CHECKPOINT_HINT = (
