@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
 
@@ -76,6 +76,16 @@ class Sam3Config(_Section):
     redownload: bool = False
     random_weights: bool = False  # benchmarks/tests only: build without loading any checkpoint
     prefetch_batch: int = Field(1, ge=1, le=32)  # images per batched backbone pass in a job group; 1 = off
+    cuda_graphs: bool = True  # GPU only: backbone + grounding replayed as CUDA graphs captured at start
+    # phrase counts with their own grounding graph; a call pads to the next one (rounding differs slightly)
+    graph_buckets: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 12, 16], min_length=1)
+
+    @field_validator("graph_buckets")
+    @classmethod
+    def _buckets_in_range(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= b <= 16 for b in value):
+            raise ValueError(f"graph_buckets must be phrase counts between 1 and 16, got {value}")
+        return sorted(set(value))
 
 
 class Sam3dConfig(_Section):

@@ -238,6 +238,11 @@ def test_waiting_segment_runs_reach_the_backend_as_one_group(tmp_path: Path, cur
     assert 1 < max(groups) <= 4 and sum(groups) <= 6  # a lone job is sent alone, without prefetch
     for outcome in outcomes:
         assert _objects(outcome, "reconstruct") == 2
+    # the worker's start-up steps (ready event) land in the timings of the first run it served, and only there
+    timings = [json.loads((tmp_path / f"runs/r{i}/run.json").read_text())["stages"]["segment"]["timings"] for i in range(6)]
+    with_load = [t for t in timings if "load_s" in t]
+    assert len(with_load) == 1 and with_load[0]["load_capture_s"] == 0.125
+    assert not any("load_capture_s" in t for t in timings if "load_s" not in t)
 
 
 def test_current_env_keeps_the_drivers_import_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -5,8 +5,9 @@ backbone once (1008×1008 input, features cached); :meth:`Sam3Segmenter.predict`
 the call in one batched pass of SAM3's grounding path (fusion encoder, DETR decoder, mask head) against the
 cached image features: query *i* is (image 0, text *i*). Text features are cached per phrase, so a phrase
 seen before (the agent re-asks often) skips the text encoder. On GPU every call runs under
-``torch.inference_mode()`` + bf16 autocast with TF32 matmuls; on CPU in fp32 with the patches of
-:mod:`pipeline.backends.sam3_cpu`.
+``torch.inference_mode()`` + bf16 autocast with TF32 matmuls, and (``segment.sam3.cuda_graphs``, default on)
+the backbone and the grounding pass are replayed CUDA graphs captured at start
+(:mod:`pipeline.backends.sam3_graphs`); on CPU in fp32 with the patches of :mod:`pipeline.backends.sam3_cpu`.
 
 Outputs per phrase (:class:`~pipeline.backends.base.Detections`): detections whose score
 ``sigmoid(logit) · sigmoid(presence)`` is at least ``segment.threshold`` (the same threshold
@@ -33,6 +34,8 @@ from pipeline.errors import BackendError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from PIL import Image
+
+    from pipeline.backends.sam3_graphs import Sam3Graphs
 
     from pipeline.config import SegmentConfig
 
@@ -63,6 +66,15 @@ class Sam3Segmenter(Segmenter):
         t0 = time.perf_counter()
         self.model = self._build()
         self.timings["build_s"] = time.perf_counter() - t0
+        self.graphs: Sam3Graphs | None = None
+        if self.is_cuda and config.sam3.cuda_graphs and not config.sam3.compile:
+            self.graphs = self._try_capture_graphs()
+            if self.graphs is not None:
+                self.timings.update(self.graphs.timings)
+
+    def load_timings(self) -> dict[str, float]:
+        """Seconds spent at start: ``build_s`` and, with CUDA graphs, ``graph_capture_s``."""
+        return dict(self.timings)
 
     # ------------------------------------------------------------------------------------------ build
 
@@ -117,6 +129,32 @@ class Sam3Segmenter(Segmenter):
             _init_random_text_tensors(model)
         return model.eval()
 
+    def _capture_graphs(self) -> Sam3Graphs:
+        """Capture the backbone and the grounding buckets (``segment.sam3.graph_buckets``) once, at start."""
+        from pipeline.backends.sam3_graphs import Sam3Graphs
+
+        with self._inference():
+            text = self._encode_texts(["object"])
+        return Sam3Graphs(self.model, self.device, text, buckets=self.config.sam3.graph_buckets,
+                          autocast_dtype=self._torch.bfloat16 if self.use_bf16 else None, resolution=RESOLUTION)  # fmt: skip
+
+    def _try_capture_graphs(self) -> Sam3Graphs | None:
+        """:meth:`_capture_graphs`, or None (op by op) with the reason on stderr when this torch/sam3 cannot
+        capture them; out of memory is raised (the model would not fit its batches either)."""
+        import sys
+
+        try:
+            return self._capture_graphs()
+        except self._torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager path
+            self._torch.cuda.synchronize(self.device)
+            self._torch.cuda.empty_cache()
+            print(f"sam3: CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:300]}); running op by op "
+                  "(set segment.sam3.cuda_graphs: false to skip the attempt)", file=sys.stderr)  # fmt: skip
+            self.timings["graph_capture_failed"] = 1.0
+            return None
+
     # ------------------------------------------------------------------------------------------ per image
 
     @contextlib.contextmanager
@@ -130,8 +168,14 @@ class Sam3Segmenter(Segmenter):
         """Run the ViT backbone on one RGB image (resized to 1008×1008); keep its features for ``predict``.
         An image handed to :meth:`prefetch` before reuses the features of that batched pass."""
         width, height = image.size
-        backbone_out = self._prefetched.pop(_image_key(image), None)
-        if backbone_out is None:
+        # the pixel hash costs ~5 ms on a 1440×1080 photo: only when something was prefetched
+        backbone_out = self._prefetched.pop(_image_key(image), None) if self._prefetched else None
+        if self.graphs is not None:
+            if backbone_out is None:
+                backbone_out = self.graphs.set_image(self._pixels(image))
+            else:
+                backbone_out = self.graphs.load_features(backbone_out)
+        elif backbone_out is None:
             with self._inference():
                 backbone_out = self.model.backbone.forward_image(self._pixels(image).unsqueeze(0))
             # drop what the grounding path does not read (sam2_backbone_out is only for the interactive head)
@@ -176,8 +220,9 @@ class Sam3Segmenter(Segmenter):
             return []
         unique = list(dict.fromkeys(phrases))
         by_phrase: dict[str, Detections] = {}
-        for start in range(0, len(unique), MAX_PHRASES_PER_PASS):
-            chunk = unique[start : start + MAX_PHRASES_PER_PASS]
+        per_pass = max(self.graphs.buckets) if self.graphs is not None else MAX_PHRASES_PER_PASS
+        for start in range(0, len(unique), per_pass):
+            chunk = unique[start : start + per_pass]
             by_phrase.update(zip(chunk, self._ground(chunk)))
         return [by_phrase[p] for p in phrases]
 
@@ -208,14 +253,18 @@ class Sam3Segmenter(Segmenter):
         with self._inference():
             return self._to_detections(phrases, self.grounding_outputs(phrases))
 
-    def grounding_outputs(self, phrases: list[str]) -> dict[str, Any]:
+    def grounding_outputs(self, phrases: list[str], *, eager: bool = False) -> dict[str, Any]:
         """The model's raw grounding outputs for ``phrases`` against the current image (see
-        :meth:`_to_detections` for the shapes); public for the GPU equivalence checks."""
+        :meth:`_to_detections` for the shapes); public for the GPU equivalence checks. With CUDA graphs the
+        outputs are views of static buffers, valid until the next call; ``eager=True`` runs the model op by op."""
         from sam3.model.data_misc import FindStage
 
         torch = self._torch
         assert self._image is not None
         n = len(phrases)
+        if self.graphs is not None and not eager:
+            with self._inference():
+                return self.graphs.ground(self._encode_texts(phrases), n)
         with self._inference():
             backbone_out = {**self._image["backbone_out"], **self._encode_texts(phrases)}
             find = FindStage(

@@ -239,16 +239,18 @@ class _Lane:
             if result.requeue:
                 requeue.append(h)
                 continue
-            self._record(h, outcome, result, load_s=worker.load_s if fresh else None)
+            self._record(h, outcome, result, load=worker.load_report() if fresh else None)
             fresh = False
         self.put_front(requeue)
 
-    def _record(self, h: RunHandle, outcome: StageOutcome, result: JobOutcome, *, load_s: float | None) -> None:
+    def _record(
+        self, h: RunHandle, outcome: StageOutcome, result: JobOutcome, *, load: dict[str, float] | None
+    ) -> None:
         active = h.active
         assert active is not None
         if result.error is None:
-            if load_s is not None:
-                result.result.setdefault("timings", {})["load_s"] = load_s
+            if load:
+                result.result.setdefault("timings", {}).update(load)
             active.succeed(outcome, result.result)
             n = result.result.get("objects", 0)
             self.engine._emit(h, "stage_finished", self.stage, message=f"done in {outcome.duration_s:.1f}s ({n} object(s))")

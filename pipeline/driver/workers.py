@@ -76,6 +76,7 @@ class WorkerProcess:
         self.variables = dict(variables or {})
         self.proc: subprocess.Popen | None = None
         self.load_s: float | None = None
+        self.load_timings: dict[str, float] = {}  # the worker's start-up steps (ready event's "timings")
         self.jobs_done = 0
         self._log: IO[bytes] | None = None
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -123,9 +124,17 @@ class WorkerProcess:
             while ready.get("event") != "ready":
                 ready = self._next_event(deadline=None, log=None)
             self.load_s = ready.get("load_s")
+            self.load_timings = dict(ready.get("timings") or {})
         except BaseException:
             self.close(graceful=False)
             raise
+
+    def load_report(self) -> dict[str, float]:
+        """``load_s`` and the worker's start-up steps as ``load_<step>`` (e.g. ``load_graph_capture_s``)."""
+        report = {f"load_{k}": v for k, v in self.load_timings.items() if isinstance(v, (int, float))}
+        if self.load_s is not None:
+            report["load_s"] = self.load_s
+        return report
 
     def close(self, *, graceful: bool = True) -> None:
         """End the worker: close its job stream and let it exit (graceful), then stop its process group."""

@@ -9,7 +9,7 @@ worker when a run needs a different model (see :func:`pipeline.driver.workers.lo
 before running each; every job still gets its own events. The worker writes **events** as JSON lines on its
 stdout:
 
-    {"event": "ready", "pid": 123, "load_s": 7.4}
+    {"event": "ready", "pid": 123, "load_s": 7.4, "timings": {"graph_capture_s": 1.2}}
     {"event": "started", "job": "j1"}
     {"event": "progress", "job": "j1", "done": 2, "total": 5, "message": "object 2/5"}
     {"event": "done", "job": "j1", "result": {...}, "timings": {"total_s": 3.2}}
@@ -87,7 +87,8 @@ class StageWorker(Protocol):
     """What a stage module provides: built once from the config, then ``run`` per job.
 
     ``run`` receives the job's config (the run's own, or the worker's when the job names none). A worker may
-    also define ``prepare_group(jobs, configs)``, called once before the jobs of a group run.
+    also define ``prepare_group(jobs, configs)``, called once before the jobs of a group run, and
+    ``load_timings()`` (seconds per start-up step, e.g. graph capture), sent with the ``ready`` event.
     """
 
     def run(self, job: Job, config: PipelineConfig, reporter: Reporter) -> dict[str, Any]:
@@ -186,7 +187,9 @@ def worker_main(stage: str, build: Callable[[PipelineConfig], StageWorker], argv
         traceback.print_exc()
         reporter.emit("error", None, **_error_fields(exc))
         return 1
-    reporter.emit("ready", None, pid=os.getpid(), load_s=round(time.perf_counter() - t0, 3))
+    load_s = round(time.perf_counter() - t0, 3)
+    load_timings = getattr(worker, "load_timings", None)
+    reporter.emit("ready", None, pid=os.getpid(), load_s=load_s, timings=load_timings() if load_timings else {})
     ok = True
     source = open(args.jobs, encoding="utf-8") if args.jobs else sys.stdin
     with source:

@@ -120,6 +120,11 @@ class SegmentWorker:
         self._vlm_pool: ThreadPoolExecutor | None = None
         self._ahead: dict[str, Proposal] = {}
 
+    def load_timings(self) -> dict[str, float]:
+        """The backend's start-up seconds (e.g. ``build_s``, ``graph_capture_s``), when it records them."""
+        timings = getattr(self.segmenter, "load_timings", None)
+        return timings() if timings else {}
+
     def prepare_group(self, jobs: list[Job], configs: dict[str, PipelineConfig]) -> None:
         """Hand the group's images to the backend together (one batched encoder pass where it can), and ask the
         VLM for the first phrases of every query-mode job at once, so those requests overlap the SAM3 work."""
