@@ -52,7 +52,7 @@ def write_mask(path: Path, mask: np.ndarray) -> Path:
     """Write an (H, W) bool mask as an 8-bit PNG with 0/255, atomically."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
-    img = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+    img = Image.fromarray(np.asarray(mask, dtype=bool).view(np.uint8) * np.uint8(255), mode="L")
     return write_with(Path(path), lambda tmp: img.save(tmp, format="PNG"))
 
 

@@ -13,6 +13,7 @@ built in ``<name>.partial`` directories and renamed into place, so a killed work
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["SegmentWorker", "write_masks"]
 
 NO_MATCH = "no object matches"
+MASK_WRITERS = 8  # at most this many threads encode a run's mask PNGs
 
 
 
@@ -58,29 +60,42 @@ def write_masks(
     query: str | None = None,
     prompts: list[str] | None = None,
     reason: str | None = None,
+    workers: int | None = None,
 ) -> MaskManifest:
-    """Write ``masks/NNN.png`` for each candidate through a staging dir, then the manifest, last."""
+    """Write ``masks/NNN.png`` for each candidate through a staging dir, then the manifest, last.
+
+    PNG encoding (≈ 8 ms per 1440×1080 mask on one core) runs on ``workers`` threads (default: up to 8, one per
+    core; Pillow releases the GIL while it compresses); ``workers=1`` writes them one after another."""
     image_path = run_dir / INPUT_IMAGE
     with Image.open(image_path) as img:
         width, height = img.size
     staging = fresh_dir(run_dir / f"{MASKS_DIR}.partial")
-    objects = []
-    for i, cand in enumerate(candidates):
-        name = f"{i:03d}.png"
-        write_mask(staging / name, cand.mask)
-        objects.append(
-            MaskObject(
-                id=i,
-                label=cand.label,
-                phrases=list(cand.phrases),
-                score=round(cand.score, 6),
-                bbox_xyxy=cand.box_xyxy,
-                area=cand.area,
-                file=f"{MASKS_DIR}/{name}",
-                sha256=sha256_file(staging / name),
-                decision=cand.decision,
-            )
+    names = [f"{i:03d}.png" for i in range(len(candidates))]
+
+    def write(i: int) -> str:
+        write_mask(staging / names[i], candidates[i].mask)
+        return sha256_file(staging / names[i])
+
+    workers = workers or min(MASK_WRITERS, os.cpu_count() or 1)
+    if workers > 1 and len(candidates) > 1:
+        with ThreadPoolExecutor(max_workers=min(workers, len(candidates)), thread_name_prefix="mask-png") as pool:
+            digests = list(pool.map(write, range(len(candidates))))
+    else:
+        digests = [write(i) for i in range(len(candidates))]
+    objects = [
+        MaskObject(
+            id=i,
+            label=cand.label,
+            phrases=list(cand.phrases),
+            score=round(cand.score, 6),
+            bbox_xyxy=cand.box_xyxy,
+            area=cand.area,
+            file=f"{MASKS_DIR}/{names[i]}",
+            sha256=digests[i],
+            decision=cand.decision,
         )
+        for i, cand in enumerate(candidates)
+    ]
     final = run_dir / MASKS_DIR
     replace_dir(staging, final)
     manifest = MaskManifest(
