@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -27,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.backends.sam3 import Sam3Segmenter  # noqa: E402 - after the path
 from pipeline.config import PipelineConfig  # noqa: E402
+
+from bench_sam3_graphs import median_ms  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 PHRASES = ["person", "cat", "coffee cup", "red flag", "spoon"]
 TOP_QUERIES = 10  # masks compared per phrase: the best-scoring queries of the one-image path
@@ -78,8 +78,8 @@ def compare(seg: Sam3Segmenter, images: list[Image.Image]) -> tuple[float, float
 
 
 def time_backbone(seg: Sam3Segmenter, images: list[Image.Image], reps: int) -> tuple[float, float]:
-    """Median seconds for the backbone over all ``images``: one at a time, and through prefetch."""
-    import torch
+    """Median seconds for the backbone over all ``images``: one at a time, and through prefetch (each timed
+    after one warm-up call: cuDNN/cuBLAS choices for this batch size)."""
 
     def one_by_one() -> None:
         seg._prefetched = {}
@@ -91,18 +91,7 @@ def time_backbone(seg: Sam3Segmenter, images: list[Image.Image], reps: int) -> t
         for image in images:
             seg.set_image(image)
 
-    result = []
-    for fn in (one_by_one, batched):
-        fn()  # warm-up (cuDNN/cuBLAS choices for this batch size)
-        times = []
-        for _ in range(reps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        result.append(statistics.median(times))
-    return result[0], result[1]
+    return median_ms(one_by_one, reps) / 1000, median_ms(batched, reps) / 1000
 
 
 def main() -> int:
