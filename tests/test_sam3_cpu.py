@@ -52,3 +52,31 @@ def test_cpu_backend_batched_phrases_match_single_phrase_passes(segmenter):
     single = segmenter.predict(["dog"])[0]  # text from the cache, own pass
     np.testing.assert_allclose(single.scores, both[1].scores, atol=1e-5)
     assert (single.masks == both[1].masks).mean() > 0.999
+
+
+def test_cpu_prefetched_images_match_the_one_image_path(segmenter):
+    """Three images through ``prefetch`` with batches of 2 (a pair and a single): each image's detections equal
+    those of its own ``set_image`` (fp32 on CPU: only GEMM blocking may round differently)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (72 + 8 * i, 96, 3), dtype=np.uint8)) for i in range(3)]
+    phrases = ["red car", "dog"]
+    alone = []
+    for image in images:
+        segmenter.set_image(image)
+        alone.append(segmenter.predict(phrases))
+    config = segmenter.config
+    segmenter.config = config.model_copy(update={"sam3": config.sam3.model_copy(update={"prefetch_batch": 2})})
+    try:
+        segmenter.prefetch(images)
+        assert len(segmenter._prefetched) == 3
+        for image, expected in zip(reversed(images), reversed(alone)):  # taken in any order, by pixels
+            segmenter.set_image(image)
+            for got, want in zip(segmenter.predict(phrases), expected):
+                np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
+                assert got.masks.shape == want.masks.shape
+                assert (got.masks == want.masks).mean() > 0.999
+    finally:
+        segmenter.config = config
+    assert not segmenter._prefetched, "every prefetched image was taken by set_image"
