@@ -1,7 +1,7 @@
 """Batch mode end to end on CPU through two real venvs (the doubles as backends), like a user would run it.
 
 Covers: one warm worker per stage for the whole batch, a corrupt image among good ones, a rerun that skips
-everything, a worker SIGKILLed mid-batch (restarted; only that image fails), Ctrl-C mid-batch (exit 130, no
+everything and one that redoes only 3D (`--from reconstruct`), a worker SIGKILLed mid-batch (restarted; only that image fails), Ctrl-C mid-batch (exit 130, no
 orphans, finished images kept and skipped on rerun), a killed driver (its workers die within a second), the
 Python API's warm block, JSONL lines with their own options and errors.
 """
@@ -88,6 +88,16 @@ def test_batch_runs_warm_skips_on_rerun_and_reports_a_corrupt_image(venv_config:
     assert _summary(root)["counts"] == {"succeeded": 4}
     assert all(i["stages"] == {"segment": "skip (up to date)", "reconstruct": "skip (up to date)"} for i in _summary(root)["items"])
     assert before == {d: (Path(d) / "objects/manifest.json").stat().st_mtime_ns for d in before}
+
+    masks_before = {d: (Path(d) / "masks/manifest.json").stat().st_mtime_ns for d in before}
+    redo = run_cli("batch", "--images", str(photos / "img*.png"), "--prompt", "red box", "--out", str(root),
+                   "--config", str(venv_config), "--from", "reconstruct")  # fmt: skip
+    assert redo.returncode == 0, redo.stderr
+    items = _summary(root)["items"]
+    assert all(i["stages"]["segment"] == "skip (up to date)" for i in items), [i["stages"] for i in items]
+    assert not any(i["stages"]["reconstruct"].startswith("skip") for i in items), [i["stages"] for i in items]
+    assert masks_before == {d: (Path(d) / "masks/manifest.json").stat().st_mtime_ns for d in before}
+    assert all(before[d] != (Path(d) / "objects/manifest.json").stat().st_mtime_ns for d in before)
 
 
 def test_jsonl_lines_carry_their_own_requests_and_bad_lines_are_reported(venv_config: Path, tmp_path: Path) -> None:
