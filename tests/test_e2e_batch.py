@@ -1,10 +1,10 @@
 """Batch mode end to end on CPU through two real venvs (the doubles as backends), like a user would run it.
 
 Covers: one warm worker per stage for the whole batch, a corrupt image among good ones, a rerun that skips
-everything and one that redoes only 3D (`--from reconstruct`), a worker SIGKILLed mid-batch (restarted; only that image fails), Ctrl-C mid-batch (exit 130, no
-orphans, finished images kept and skipped on rerun), a killed driver (its workers die within a second), the
-Python API's warm block, JSONL lines with their own options and errors.
-"""
+everything and one that redoes only 3D (``--from reconstruct``), a worker SIGKILLed mid-batch (restarted; only
+that image fails), Ctrl-C mid-batch (exit 130, no orphans, finished images kept and skipped on rerun), a killed
+driver (its workers die within a second), the Python API's warm block, JSONL lines with their own options and
+errors."""
 
 from __future__ import annotations
 
