@@ -100,7 +100,7 @@ class Pipeline:
         req = self.request(image, **kwargs)
         if self._engine is not None:
             return _result(self._engine.run(req))
-        with Engine(self.config) as engine:
+        with Engine(self.config, single_run=True) as engine:
             return _result(engine.run(req))
 
     def batch(self, images: Sequence[str | Path], **kwargs: Any) -> list[RunResult | PipelineError]:

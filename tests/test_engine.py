@@ -2,7 +2,8 @@
 
 Covers the GPU memory budget arithmetic, what makes a worker reusable (load keys), batch list parsing and its
 per-line errors, stale-child records, the per-stage timeout (a hung worker is killed and replaced), cancelling a
-queued run, grouped segment jobs reaching the backend's ``prefetch``, and ``current`` keeping ``PYTHONPATH``.
+queued run, grouped segment jobs reaching the backend's ``prefetch``, the single-run hint of one-shot commands,
+and ``current`` keeping ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pipeline.driver.reaper import process_start_time, stop_stale_children
 from pipeline.driver.runner import RunOutcome, RunRequest
 from pipeline.driver.workers import load_key
 from pipeline.errors import ConfigError, RunCancelled, RunLocked, StageFailed, UsageError
-from tests.conftest import draw_scene
+from tests.conftest import draw_scene, run_cli
 
 # ---------------------------------------------------------------------------- GPU memory budget
 
@@ -243,6 +244,32 @@ def test_waiting_segment_runs_reach_the_backend_as_one_group(tmp_path: Path, cur
     with_load = [t for t in timings if "load_s" in t]
     assert len(with_load) == 1 and with_load[0]["load_capture_s"] == 0.125
     assert not any("load_capture_s" in t for t in timings if "load_s" not in t)
+
+
+def test_a_single_run_engine_tells_its_workers_and_a_warm_one_does_not(tmp_path: Path, current_config: PipelineConfig) -> None:
+    config = apply_overrides(current_config, ["segment.backend=tests.doubles.faulty:SingleRunHintSegmenterDouble"])
+    for name, single_run in (("one", True), ("warm", False)):
+        with Engine(config, single_run=single_run) as engine:
+            engine.run(_request(tmp_path, name, "red"))
+        timings = json.loads((tmp_path / f"runs/{name}/run.json").read_text())["stages"]["segment"]["timings"]
+        assert timings["load_single_run"] == (1.0 if single_run else 0.0), (name, timings)
+
+
+def test_the_one_shot_command_starts_single_run_workers_and_batch_warm_ones(tmp_path: Path, current_config: PipelineConfig) -> None:
+    config = apply_overrides(current_config, ["segment.backend=tests.doubles.faulty:SingleRunHintSegmenterDouble"])
+    cfg = tmp_path / "config.json"
+    cfg.write_text(config.model_dump_json())
+    (tmp_path / "photos").mkdir()
+    image = draw_scene(tmp_path / "photos/a.png")
+    one = run_cli("segment", "--image", str(image), "--prompt", "red", "--out", str(tmp_path / "one"), "--config", str(cfg))
+    assert one.returncode == 0, one.stderr
+    batch = run_cli("batch", "--images", str(image.parent), "--prompt", "red", "--out", str(tmp_path / "batch"),
+                    "--config", str(cfg), "--stages", "segment")  # fmt: skip
+    assert batch.returncode == 0, batch.stderr
+    (run_json,) = (tmp_path / "batch").glob("*/run.json")
+    for path, expected in ((tmp_path / "one/run.json", 1.0), (run_json, 0.0)):
+        timings = json.loads(path.read_text())["stages"]["segment"]["timings"]
+        assert timings["load_single_run"] == expected, (path, timings)
 
 
 def test_current_env_keeps_the_drivers_import_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

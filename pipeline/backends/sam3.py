@@ -30,6 +30,7 @@ import numpy as np
 from pipeline.backends.base import Detections, Segmenter
 from pipeline.backends.sam3_assets import checkpoint_load_error, locate_bpe, parse_device, resolve_checkpoint
 from pipeline.errors import BackendError
+from pipeline.stages.protocol import serves_single_run
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -67,7 +68,8 @@ class Sam3Segmenter(Segmenter):
         self.model = self._build()
         self.timings["build_s"] = time.perf_counter() - t0
         self.graphs: Sam3Graphs | None = None
-        if self.is_cuda and config.sam3.cuda_graphs and not config.sam3.compile:
+        # a worker started for one run (one-shot command) skips the capture: 3.5-7 s to save ~30 ms once
+        if self.is_cuda and config.sam3.cuda_graphs and not config.sam3.compile and not serves_single_run():
             self.graphs = self._try_capture_graphs()
             if self.graphs is not None:
                 self.timings.update(self.graphs.timings)

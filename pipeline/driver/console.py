@@ -71,7 +71,7 @@ def run_with_progress(req: RunRequest, config: PipelineConfig) -> int:
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
         console=console, transient=True, disable=not sys.stderr.isatty(),
     )
-    with progress, Engine(config, on_event=StageLines(console, progress)) as engine:
+    with progress, Engine(config, on_event=StageLines(console, progress), single_run=True) as engine:
         for line in engine.stale:
             console.print(f"stopped a stale child: {line}", highlight=False, markup=False)
         outcome = engine.run(req)

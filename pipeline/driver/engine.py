@@ -37,7 +37,7 @@ from pipeline.driver.runner import ActiveRun, RunOutcome, RunRequest, Runner, St
 from pipeline.driver.workers import JobOutcome, WorkerProcess, load_key
 from pipeline.errors import PipelineError, RunCancelled, StageFailed, UsageError
 from pipeline.handoff import LOGS_DIR
-from pipeline.stages.protocol import Job
+from pipeline.stages.protocol import SINGLE_RUN_VARIABLE, Job
 
 __all__ = ["Engine", "RunHandle", "EngineEvent", "EventKind", "RunState"]
 
@@ -283,9 +283,12 @@ class _Lane:
         state_dir = self.engine.state_dir
         config_path = state_dir / f"{self.stage}-{os.getpid()}.json"
         write_json_atomic(config_path, config.model_dump(mode="json"))
+        variables = dict(section.variables)
+        if self.engine.single_run:
+            variables[SINGLE_RUN_VARIABLE] = "1"
         worker = WorkerProcess(
             self.stage, env, config_path=config_path,
-            log_path=state_dir / LOGS_DIR / f"{self.stage}-{os.getpid()}.log", variables=dict(section.variables),
+            log_path=state_dir / LOGS_DIR / f"{self.stage}-{os.getpid()}.log", variables=variables,
         )
         self.state = "loading"
         try:
@@ -322,12 +325,21 @@ class Engine:
     """Warm stage workers and the vLLM server, shared by many runs (see the module docstring).
 
     Use as a context manager; leaving the block stops every child. ``on_event`` is called from the engine's
-    threads: keep it short and thread-safe.
+    threads: keep it short and thread-safe. ``single_run``: the engine serves one run (the one-shot commands);
+    its workers skip start-up work that only pays off over many runs (``PIPELINE_SINGLE_RUN``, see
+    :mod:`pipeline.stages.protocol`).
     """
 
-    def __init__(self, config: PipelineConfig, *, on_event: Callable[[EngineEvent], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        *,
+        on_event: Callable[[EngineEvent], None] | None = None,
+        single_run: bool = False,
+    ) -> None:
         self.config = config
         self.on_event = on_event
+        self.single_run = single_run
         self.state_dir = config.engine.resolved_state_dir()
         self.stopping = False
         self.closing = False

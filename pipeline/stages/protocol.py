@@ -21,6 +21,10 @@ moves the real stdout to a private descriptor and points descriptor 1 at stderr.
 keeps the full output of its own job; between jobs they go to the worker's own log. Exit code: 0 if every
 job succeeded, 1 otherwise. The worker exits within a second of its driver's death (it watches its parent
 pid), so a killed driver never leaves a worker computing on its own.
+
+A driver that starts a worker for **one run** (the one-shot commands) sets ``PIPELINE_SINGLE_RUN=1`` in its
+environment (:func:`serves_single_run`): backends then skip start-up work that only pays off over many runs,
+such as SAM3's CUDA graph capture.
 """
 
 from __future__ import annotations
@@ -42,7 +46,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 
-__all__ = ["Job", "Event", "Reporter", "StageWorker", "worker_main"]
+__all__ = ["Job", "Event", "Reporter", "StageWorker", "worker_main", "SINGLE_RUN_VARIABLE", "serves_single_run"]
+
+SINGLE_RUN_VARIABLE = "PIPELINE_SINGLE_RUN"  # "1": the driver started this worker for one run
+
+
+def serves_single_run() -> bool:
+    """Whether the driver started this worker for a single run (see the module docstring)."""
+    return os.environ.get(SINGLE_RUN_VARIABLE) == "1"
 
 
 class Job(BaseModel):

@@ -5,6 +5,8 @@ Both extend :class:`~tests.doubles.segmenters.ColorBlobSegmenterDouble` (same ma
 - :class:`HangingSegmenterDouble` sleeps for an hour when asked for the phrase ``hang`` (a stuck model);
 - :class:`PrefetchLogSegmenterDouble` appends one line per :meth:`prefetch` call to the file named by
   ``segment.options.prefetch_log``: the number of images the engine handed over together;
+- :class:`SingleRunHintSegmenterDouble` reports, as a start-up step ``single_run`` (1.0 or 0.0), whether the
+  driver started its worker for one run (``PIPELINE_SINGLE_RUN``);
 - :class:`MarkerFailSegmenterDouble` fails every image while the file named by ``segment.options.fail_if_exists``
   exists (a fault that the test can clear, as a user fixes a broken node).
 """
@@ -18,9 +20,18 @@ from typing import Sequence
 from PIL import Image
 
 from pipeline.backends.base import Detections
+from pipeline.stages.protocol import serves_single_run
 from tests.doubles.segmenters import ColorBlobSegmenterDouble
 
-__all__ = ["HangingSegmenterDouble", "PrefetchLogSegmenterDouble", "MarkerFailSegmenterDouble"]
+__all__ = ["HangingSegmenterDouble", "PrefetchLogSegmenterDouble", "SingleRunHintSegmenterDouble",
+           "MarkerFailSegmenterDouble"]
+
+
+class SingleRunHintSegmenterDouble(ColorBlobSegmenterDouble):
+    """Reports ``single_run`` (whether its worker serves one run) among its start-up timings."""
+
+    def load_timings(self) -> dict[str, float]:
+        return {"single_run": 1.0 if serves_single_run() else 0.0}
 
 
 class HangingSegmenterDouble(ColorBlobSegmenterDouble):
