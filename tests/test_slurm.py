@@ -99,9 +99,11 @@ def test_per_stage_arrays_a_failed_shard_and_resume(cluster, slurm_config: Path,
     assert len(done_before) == 12
 
     marker.unlink()  # the fault is fixed
-    resumed = _status(root, "--resume")
+    resumed = _status(root, "--resume", "--set", "slurm.segment.time=00:20:00")  # e.g. more time for the retry
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
     assert "resubmitting 4 image(s)" in resumed.stdout and "4 image(s) in 1 shard(s)" in resumed.stdout
+    newest = sorted(p for p in (root / ".slurm").iterdir() if p.is_dir())[-1]
+    assert "#SBATCH --time=00:20:00" in (newest / "segment.sbatch").read_text()
     assert wait_for(root, 300)
     final = _status(root)
     assert final.returncode == 0 and "images: 16 done, 0 failed, 0 not finished" in final.stdout, final.stdout
@@ -152,6 +154,15 @@ def test_dry_run_prints_scripts_and_submits_nothing(cluster, slurm_config: Path,
 
 
 # ---------------------------------------------------------------------------- without a cluster
+
+
+def test_batch_status_takes_set_only_with_resume_and_never_a_config_file(tmp_path: Path) -> None:
+    alone = run_cli("batch-status", str(tmp_path), "--set", "slurm.segment.time=00:20:00")
+    assert alone.returncode == 2 and "--set only applies with --resume" in alone.stderr, alone.stderr
+    (tmp_path / "any.yaml").write_text("segment: {threshold: 0.3}\n")
+    with_file = run_cli("batch-status", str(tmp_path), "--resume", "--config", str(tmp_path / "any.yaml"))
+    assert with_file.returncode == 2 and "--config does not apply" in with_file.stderr, with_file.stderr
+    assert "Traceback" not in alone.stderr + with_file.stderr
 
 
 def test_modes_pick_per_stage_arrays_when_the_requests_differ() -> None:

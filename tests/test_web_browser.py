@@ -86,10 +86,14 @@ def test_page_upload_view_toggle_download(page_server: Server, tmp_path: Path) -
             page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
             assert page.text_content("#drop-text") == "two-things.png"
             page.fill("#text", "red, blue")
+            page.click("details summary")  # the options
+            page.select_option("#frame", "opengl")
             page.click("#submit")
             page.wait_for_selector("#job-state[data-state=succeeded]", timeout=120_000)
             page.wait_for_selector("body[data-viewer=ready]", timeout=120_000)
             assert page.is_visible("#job-demo"), "the result must say: demo backends, not the real models"
+            assert "demo backends" in page.text_content("#jobs li"), "so must the job list"
+            assert "frame opengl" in page.text_content("#viewer-status"), "the chosen frame reached the job"
             assert page.locator("#objects li").count() == 2
             view = page.locator("#view")
 

@@ -184,7 +184,7 @@ def _add_batch_command(sub: Any, common: argparse.ArgumentParser) -> None:
     batch.set_defaults(handler=_cmd_batch)
     status = sub.add_parser("batch-status", parents=[common], help="state of a SLURM batch per shard and image; --resume")
     status.add_argument("root", type=Path, metavar="ROOT", help="the batch root given to `batch --out`")
-    status.add_argument("--resume", action="store_true", help="resubmit the images that failed or never finished")
+    status.add_argument("--resume", action="store_true", help="resubmit the images that failed or never finished (with --set KEY=VALUE to change settings)")
     status.add_argument("--dry-run", action="store_true", help="with --resume: print what would be submitted")
     status.set_defaults(handler=_cmd_batch_status)
 
@@ -217,7 +217,12 @@ def _cmd_batch(args: argparse.Namespace, config: PipelineConfig) -> int:
 def _cmd_batch_status(args: argparse.Namespace, config: PipelineConfig) -> int:
     from pipeline.driver.slurm import batch_status
 
-    return batch_status(args.root, resume=args.resume, dry_run=args.dry_run)
+    if args.config is not None:
+        raise UsageError("batch-status reads each submission's own config; --config does not apply",
+                         hint="to change settings for --resume, use --set KEY=VALUE (e.g. --set slurm.reconstruct.mem=96G)")
+    if args.overrides and not args.resume:
+        raise UsageError("--set only applies with --resume", hint="add --resume to resubmit with changed settings")
+    return batch_status(args.root, resume=args.resume, overrides=args.overrides, dry_run=args.dry_run)
 
 
 def _cmd_envs_create(args: argparse.Namespace, config: PipelineConfig) -> int:

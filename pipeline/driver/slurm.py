@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.atomic import write_json_atomic, write_with
-from pipeline.config import PROJECT_ROOT, STAGE_NAMES, PipelineConfig, SlurmStageConfig
+from pipeline.config import PROJECT_ROOT, STAGE_NAMES, PipelineConfig, SlurmStageConfig, apply_overrides
 from pipeline.driver.batch import BatchItem, read_items, requests_for
 from pipeline.driver.runner import Runner
 from pipeline.errors import PipelineError, UsageError
@@ -282,7 +282,8 @@ def _submissions(root: Path) -> list[dict[str, Any]]:
 
 
 def _task_states(jobs: dict[str, str]) -> dict[tuple[str, int], str]:
-    """(array label, task index) → scheduler state, from squeue (live) and scontrol (recently finished)."""
+    """(array label, task index) → scheduler state from ``scontrol show job`` (live tasks and those finished within
+    ``MinJobAge``; ``sacct`` is not used: accounting is often absent). Tasks it no longer knows are absent."""
     states: dict[tuple[str, int], str] = {}
     for label, jid in jobs.items():
         proc = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True, timeout=30)
@@ -321,9 +322,10 @@ def _image_state(run_dir: Path, stages: Sequence[str]) -> tuple[str, str]:
     return ("running" if "running" in statuses else "waiting"), ""
 
 
-def batch_status(root: Path, *, resume: bool = False, config: PipelineConfig | None = None, dry_run: bool = False) -> int:
-    """Print per shard and per image state; with ``resume`` resubmit what is missing or failed. Exit code: 0 when
-    every image is done, 1 otherwise (3 while tasks are still queued or running)."""
+def batch_status(root: Path, *, resume: bool = False, overrides: Sequence[str] = (), dry_run: bool = False) -> int:
+    """Print per shard and per image state; with ``resume`` resubmit what is missing or failed, with the latest
+    submission's config changed by ``overrides`` (``KEY=VALUE``, e.g. more memory). Exit code: 0 when every image
+    is done, 1 otherwise (3 while tasks are still queued or running)."""
     root = root.resolve()
     latest: dict[str, tuple[dict[str, Any], int, dict[str, str]]] = {}
     active = 0
@@ -362,14 +364,16 @@ def batch_status(root: Path, *, resume: bool = False, config: PipelineConfig | N
     if not redo:
         print("resume: nothing to resubmit")
         return 0
-    return _resubmit(redo, config, root, dry_run)
+    return _resubmit(redo, overrides, root, dry_run)
 
 
-def _resubmit(redo: list[tuple[dict[str, Any], dict[str, str]]], config: PipelineConfig | None, root: Path,
+def _resubmit(redo: list[tuple[dict[str, Any], dict[str, str]]], overrides: Sequence[str], root: Path,
               dry_run: bool) -> int:
-    """Submit the images of ``redo`` again, from their shard lines, with the latest submission's config."""
+    """Submit the images of ``redo`` again, from their shard lines, with the latest submission's config and
+    ``overrides`` on top."""
     sub = redo[-1][0]
-    cfg = config or PipelineConfig.model_validate(json.loads((Path(sub["dir"]) / "config.json").read_text()))
+    cfg = PipelineConfig.model_validate(json.loads((Path(sub["dir"]) / "config.json").read_text()))
+    cfg = apply_overrides(cfg, overrides) if overrides else cfg
     wanted = {item["run_dir"] for _, item in redo}
     by_run: dict[str, BatchItem] = {}  # the newest line of each run dir (an image may sit in several submissions)
     for shard_file in sorted({Path(s["dir"]) / sh["file"] for s, _ in redo for sh in s["shards"]}):

@@ -75,7 +75,7 @@ $("submit-form").addEventListener("submit", async (e) => {
   form.append("image", fileInput.files[0]);
   const mode = document.querySelector("input[name=mode]:checked").value;
   form.append(mode, $("text").value);
-  for (const key of ["threshold", "max_objects", "seed"]) if ($(key).value !== "") form.append(key, $(key).value);
+  for (const key of ["threshold", "max_objects", "seed", "frame"]) if ($(key).value !== "") form.append(key, $(key).value);
   $("submit").disabled = true;
   try {
     const job = await (await api("/api/jobs", { method: "POST", body: form })).json();
@@ -108,7 +108,7 @@ function renderJobs() {
     li.innerHTML = `<div><b></b> <span class="muted"></span></div><div class="muted small"></div>`;
     li.querySelector("b").textContent = job.upload?.name || job.id;
     li.querySelector("span").textContent = what;
-    li.querySelector(".small").textContent = describe(job);
+    li.querySelector(".small").textContent = job.demo ? `${describe(job)} · demo backends, not the real models` : describe(job);
     if (job.state === "running" && job.progress?.total) {
       const bar = document.createElement("div");
       bar.className = "bar";
