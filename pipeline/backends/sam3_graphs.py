@@ -9,14 +9,15 @@ graph issues them all at once. Graphs need fixed shapes and fixed addresses, so:
 - **grounding**: one graph per phrase-count *bucket* (default 1–6, 8, 12, 16): a call with P phrases runs the
   smallest bucket B ≥ P, its text rows P..B-1 filled with copies of the last phrase (valid inputs, results
   dropped). A call whose P is a bucket replays exactly the kernels of the op-by-op path (bit-identical in our
-  H100 and H200 checks); a padded call runs GEMMs of another shape, whose bf16 rounding differs slightly. Text features are copied into the bucket's static buffers; outputs are views of static tensors,
-  valid until the next replay.
+  H100 and H200 checks); a padded call runs GEMMs of another shape, whose bf16 rounding differs slightly. Text
+  features are copied into the bucket's static buffers; outputs are views of static tensors, valid until the
+  next replay.
 
 Everything is captured **at worker start** (one dummy image; the cost is reported as ``graph_capture_s`` in the
 worker's ready timings) rather than lazily, so the first request of each size is not the slow one and
 out-of-memory shows at start, not in the middle of a batch. A worker started for a single run (the one-shot
-commands, ``PIPELINE_SINGLE_RUN``) captures nothing: there the capture costs seconds and saves ~30 ms. The graphs share one memory pool; the pass runs
-under the same bf16 autocast as the eager path (weight-cast cache off, as capture requires). The text encoder
+commands, ``PIPELINE_SINGLE_RUN``) captures nothing: there the capture costs seconds and saves ~30 ms. The
+graphs share one memory pool; the pass runs under the same bf16 autocast as the eager path (weight-cast cache off, as capture requires). The text encoder
 stays eager (it runs only for phrases not yet in the text cache). The torch-free helpers
 (:func:`bucket_for`, :func:`pad_rows`) are unit-tested on CPU.
 
