@@ -17,9 +17,9 @@ Everything is captured **at worker start** (one dummy image; the cost is reporte
 worker's ready timings) rather than lazily, so the first request of each size is not the slow one and
 out-of-memory shows at start, not in the middle of a batch. A worker started for a single run (the one-shot
 commands, ``PIPELINE_SINGLE_RUN``) captures nothing: there the capture costs seconds and saves ~30 ms. The
-graphs share one memory pool; the pass runs under the same bf16 autocast as the eager path (weight-cast cache off, as capture requires). The text encoder
-stays eager (it runs only for phrases not yet in the text cache). The torch-free helpers
-(:func:`bucket_for`, :func:`pad_rows`) are unit-tested on CPU.
+graphs share one memory pool; the pass runs under the same bf16 autocast as the eager path (weight-cast cache
+off, as capture requires). The text encoder stays eager (it runs only for phrases not yet in the text cache).
+The torch-free helpers (:func:`bucket_for`, :func:`pad_rows`) are unit-tested on CPU.
 
 One adaptation of sam3 0.1.4 is needed for capture (:func:`host_feature_sizes`): its fusion encoder builds the
 feature-map sizes with ``torch.tensor(list, device="cuda")`` (a host→device copy that synchronises) and the
