@@ -67,6 +67,10 @@ class Segmenter(ABC):
         results must equal the one-image path. The default does nothing.
         """
 
+    def load_timings(self) -> dict[str, float]:
+        """Seconds per start-up step (e.g. ``build_s``), sent with the worker's ``ready`` event. Default: none."""
+        return {}
+
 
 @dataclass
 class GaussianSet:

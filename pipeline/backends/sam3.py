@@ -154,7 +154,6 @@ class Sam3Segmenter(Segmenter):
             self._torch.cuda.empty_cache()
             print(f"sam3: CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:300]}); running op by op "
                   "(set segment.sam3.cuda_graphs: false to skip the attempt)", file=sys.stderr)  # fmt: skip
-            self.timings["graph_capture_failed"] = 1.0
             return None
 
     # ------------------------------------------------------------------------------------------ per image

@@ -136,9 +136,8 @@ class SegmentWorker:
         self._ahead: dict[str, Proposal] = {}
 
     def load_timings(self) -> dict[str, float]:
-        """The backend's start-up seconds (e.g. ``build_s``, ``graph_capture_s``), when it records them."""
-        timings = getattr(self.segmenter, "load_timings", None)
-        return timings() if timings else {}
+        """The backend's start-up seconds (e.g. ``build_s``, ``graph_capture_s``)."""
+        return self.segmenter.load_timings()
 
     def prepare_group(self, jobs: list[Job], configs: dict[str, PipelineConfig]) -> None:
         """Hand the group's images to the backend together (one batched encoder pass where it can), and ask the
