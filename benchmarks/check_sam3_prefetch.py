@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.backends.sam3 import Sam3Segmenter  # noqa: E402 - after the path
 from pipeline.config import PipelineConfig  # noqa: E402
 
-from bench_sam3_graphs import median_ms  # noqa: E402 - benchmarks/ is on the path when run as a script
+from bench_sam3_graphs import median_ms, raw  # noqa: E402 - benchmarks/ is on the path when run as a script
 
 PHRASES = ["person", "cat", "coffee cup", "red flag", "spoon"]
 TOP_QUERIES = 10  # masks compared per phrase: the best-scoring queries of the one-image path
@@ -48,24 +48,17 @@ def photos(count: int) -> list[Image.Image]:
     return out
 
 
-def outputs(seg: Sam3Segmenter, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (P, 200), masks (P, 200, 288, 288) bool) for PHRASES on ``image`` (set_image already called)."""
-    out = seg.grounding_outputs(PHRASES)
-    scores = out["pred_logits"].float().sigmoid().squeeze(-1) * out["presence_logit_dec"].float().sigmoid()
-    return scores.cpu().numpy(), (out["pred_masks"] > 0).cpu().numpy()
-
-
 def compare(seg: Sam3Segmenter, images: list[Image.Image]) -> tuple[float, float, int]:
     """(max |Δ score|, min mask IoU over each phrase's best queries, masks compared)."""
     single = []
     for image in images:
         seg.set_image(image)
-        single.append(outputs(seg, image))
+        single.append(raw(seg, PHRASES, eager=False))
     seg.prefetch(images)
     worst_score, worst_iou, compared = 0.0, 1.0, 0
     for image, (s1, m1) in zip(images, single):
         seg.set_image(image.copy())  # a different object with the same pixels, as the worker re-reads the file
-        s2, m2 = outputs(seg, image)
+        s2, m2 = raw(seg, PHRASES, eager=False)
         worst_score = max(worst_score, float(np.abs(s1 - s2).max()))
         top = np.argsort(-s1, axis=1)[:, :TOP_QUERIES]  # random weights score low: compare each phrase's best
         for p, q in [(p, q) for p in range(len(PHRASES)) for q in top[p]]:
