@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_sam3d_batch import cpu_model  # noqa: E402 - after the path
 from pipeline.handoff import INPUT_IMAGE
 from pipeline.stages.postprocess import Candidate, mask_bbox
 from pipeline.stages.segment import MASK_WRITERS, write_masks
@@ -59,24 +60,13 @@ def median_ms(run_dir: Path, cands: list[Candidate], workers: int, reps: int) ->
     return statistics.median(times) * 1000
 
 
-def _cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
     threads = min(MASK_WRITERS, os.cpu_count() or 1)
-    lines = [f"# Mask PNG writing — {_cpu_name()}, {os.cpu_count()} cores, "
+    lines = [f"# Mask PNG writing — {cpu_model()}, "
              f"{date.today().isoformat()}", "",
              f"Python {platform.python_version()}, Pillow {Image.__version__}; medians of {args.reps} calls of "
              f"write_masks; threaded = {threads} thread(s).", "",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from datetime import date
@@ -38,7 +37,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.backends.sam3 import Sam3Segmenter  # noqa: E402 - after the path
+from benchmarks.bench_sam3 import median_ms as synced_median_ms  # noqa: E402 - after the path
+from pipeline.backends.sam3 import Sam3Segmenter  # noqa: E402
 from pipeline.config import PipelineConfig  # noqa: E402
 
 SIZES = [(450, 300), (640, 480), (1024, 768), (1440, 1080)]
@@ -112,14 +112,7 @@ def median_ms(fn: Callable[[], Any], reps: int) -> float:
     import torch
 
     fn()
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    return synced_median_ms(fn, reps, torch.cuda.synchronize)
 
 
 class Paths:
