@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_sam3d_batch import cpu_model  # noqa: E402 - after the path
-from pipeline.handoff import INPUT_IMAGE
+from pipeline.driver.sources import store_photo
 from pipeline.stages.postprocess import Candidate, mask_bbox
 from pipeline.stages.segment import MASK_WRITERS, write_masks
 
@@ -75,8 +75,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in SIZES:
             run_dir = Path(tmp) / f"{size[0]}x{size[1]}"
-            (run_dir / INPUT_IMAGE).parent.mkdir(parents=True)
-            Image.new("RGB", size).save(run_dir / INPUT_IMAGE)
+            run_dir.mkdir(parents=True)
+            Image.new("RGB", size).save(run_dir / "photo.png")
+            store_photo(run_dir, run_dir / "photo.png")
             for count in COUNTS:
                 cands = ellipse_masks(size, count)
                 serial = median_ms(run_dir, cands, 1, args.reps)

@@ -221,7 +221,8 @@ def bench_worker(args: argparse.Namespace, images: dict[str, Any], work: Path) -
     """Cold: one worker process per image. Warm: one worker serving 20 jobs. Real stage, real files."""
     from pipeline.driver import proc
     from pipeline.config import PipelineConfig
-    from pipeline.handoff import INPUT_IMAGE, MANIFEST_NAME, MASKS_DIR
+    from pipeline.driver.sources import store_photo
+    from pipeline.handoff import MANIFEST_NAME, MASKS_DIR
 
     config = PipelineConfig.model_validate(
         {"segment": {"device": args.worker_device or args.device, "threshold": args.threshold,
@@ -233,8 +234,9 @@ def bench_worker(args: argparse.Namespace, images: dict[str, Any], work: Path) -
     for i in range(20):
         name, img = list(images.items())[i % len(images)]
         run_dir = work / f"run{i:02d}_{name}"
-        (run_dir / INPUT_IMAGE).parent.mkdir(parents=True, exist_ok=True)
-        img.save(run_dir / INPUT_IMAGE)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        img.save(run_dir / "photo.png")
+        store_photo(run_dir, run_dir / "photo.png")
         runs.append(run_dir)
     pythonpath = [ROOT] + [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = proc.child_environment(pythonpath=pythonpath)

@@ -76,13 +76,15 @@ def stage_run(config: PipelineConfig, run_dir: Path, n_objects: int) -> dict:
     from PIL import Image
 
     from pipeline.driver import proc
-    from pipeline.handoff import INPUT_IMAGE, MANIFEST_NAME, OBJECTS_DIR, ObjectsManifest, load_manifest
+    from pipeline.driver.sources import store_photo
+    from pipeline.handoff import MANIFEST_NAME, OBJECTS_DIR, ObjectsManifest, load_manifest
     from pipeline.stages.postprocess import Candidate
     from pipeline.stages.segment import write_masks
 
-    (run_dir / "input").mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     image = synthetic_image()
-    Image.fromarray(image).save(run_dir / INPUT_IMAGE)
+    Image.fromarray(image).save(run_dir / "photo.png")
+    store_photo(run_dir, run_dir / "photo.png")
     candidates = []
     for i, mask in enumerate(ellipse_masks(n_objects)):
         ys, xs = np.nonzero(mask)

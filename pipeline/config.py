@@ -176,9 +176,11 @@ class AgentConfig(_Section):
 
 
 class RunConfig(_Section):
-    """Where runs go."""
+    """Where runs go, and how their input photos are checked and kept."""
 
     out_root: Path = Path("outputs")
+    max_pixels: int = Field(40_000_000, ge=1)  # larger photos are refused from their header, before any decode
+    store_input: Literal["copy", "hardlink", "reflink"] = "copy"  # how a run keeps its photo's original bytes
 
 
 class EngineConfig(_Section):

@@ -3,9 +3,10 @@
 Layout of one run directory (see docs/handoff.md)::
 
     <run>/run.json              RunRecord: config snapshot, inputs, versions, per-stage status, fingerprints, timings
-    <run>/input/image.png       the input image, EXIF orientation applied once, RGB
+    <run>/input/source.<ext>    the input photo's original bytes (PNG only for formats the stages cannot read)
+    <run>/input/manifest.json   InputManifest: where the photo came from, its sha256 and how it is normalised
     <run>/agent/                transcript.json and overlay PNGs (only when the VLM is used)
-    <run>/masks/NNN.png         one 8-bit mask per object, 0/255, same H×W as input/image.png
+    <run>/masks/NNN.png         one 8-bit mask per object, 0/255, same H×W as the displayed input image
     <run>/masks/manifest.json   MaskManifest (written last)
     <run>/objects/NNN/          gaussians.ply, mesh.glb, pose.json
     <run>/objects/manifest.json ObjectsManifest (written last)
@@ -30,7 +31,10 @@ from pipeline.errors import ManifestError
 __all__ = [
     "SCHEMA_VERSION",
     "RUN_RECORD",
-    "INPUT_IMAGE",
+    "INPUT_DIR",
+    "LEGACY_INPUT_IMAGE",
+    "READ_SCHEMA_VERSIONS",
+    "InputManifest",
     "MASKS_DIR",
     "OBJECTS_DIR",
     "SCENE_DIR",
@@ -51,9 +55,11 @@ __all__ = [
     "now_iso",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the input is kept as its original bytes + input/manifest.json (1: input/image.png)
+READ_SCHEMA_VERSIONS = frozenset({1, 2})  # version 1 manifests have the same fields and are read as they are
 RUN_RECORD = "run.json"
-INPUT_IMAGE = "input/image.png"
+INPUT_DIR = "input"
+LEGACY_INPUT_IMAGE = "input/image.png"  # schema 1: the input re-encoded as PNG (read, never written)
 MASKS_DIR = "masks"
 OBJECTS_DIR = "objects"
 SCENE_DIR = "scene"
@@ -85,6 +91,37 @@ def file_record(run_dir: Path, path: Path) -> FileRecord:
     return FileRecord(
         path=path.relative_to(run_dir).as_posix(), sha256=sha256_file(path), size=path.stat().st_size
     )
+
+
+class InputManifest(_Model):
+    """``input/manifest.json``: the run's input photo, written by the driver after the photo's bytes are in place.
+
+    ``file``: the stored original (``input/source.<ext>``), its sha256 and size; ``identity``: what every stage
+    fingerprint names the image by (the sha256 of the source bytes plus the normalisation rule); ``facts``: the
+    header facts (:class:`pipeline.images.ImageFacts`: format, orientation, stored and displayed size, mode);
+    ``source``: the absolute path it was copied from (None for legacy or imported runs); ``stored_as``: ``copy``,
+    ``hardlink``, ``reflink`` or ``png`` (re-encoded because the format is not one every stage reads).
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    stage: Literal["input"] = "input"
+    file: FileRecord
+    identity: str
+    normalisation: str
+    facts: dict[str, Any]
+    source: str | None = None
+    stored_as: Literal["copy", "hardlink", "reflink", "png", "legacy"] = "copy"
+    created: str = Field(default_factory=now_iso)
+
+    @property
+    def width(self) -> int:
+        """Displayed width in pixels (after the EXIF orientation)."""
+        return int(self.facts["width"])
+
+    @property
+    def height(self) -> int:
+        """Displayed height in pixels."""
+        return int(self.facts["height"])
 
 
 class MaskObject(_Model):
@@ -122,6 +159,7 @@ class MaskManifest(_Model):
     backend: str
     objects: list[MaskObject]
     reason: str | None = None
+    preview: str | None = None  # masks/preview.jpg: the displayed input image, ≤ 1600 px (schema 2)
     created: str = Field(default_factory=now_iso)
 
 
@@ -189,8 +227,9 @@ class RunRecord(_Model):
     run_id: str
     created: str = Field(default_factory=now_iso)
     updated: str = Field(default_factory=now_iso)
-    image: FileRecord | None = None
+    image: FileRecord | None = None  # the stored input photo (input/source.<ext>; input/image.png in schema 1)
     source_image: str | None = None
+    input: InputManifest | None = None  # a copy of input/manifest.json (schema 2)
     query: str | None = None
     prompts: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict)
@@ -210,10 +249,10 @@ def load_manifest(path: Path, model: type[M]) -> M:
     except (OSError, json.JSONDecodeError) as exc:
         raise ManifestError(path, f"unreadable ({exc})", hint="delete it and rerun the stage") from None
     version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READ_SCHEMA_VERSIONS:
         raise ManifestError(
             path,
-            f"schema_version {version!r} is not supported (this tool reads {SCHEMA_VERSION})",
+            f"schema_version {version!r} is not supported (this tool reads {', '.join(map(str, sorted(READ_SCHEMA_VERSIONS)))})",
             hint="rerun the stage with this version of the tool (--force STAGE)",
         )
     try:

@@ -39,7 +39,12 @@ def test_full_chain_writes_the_handoff_contract(venv_config: Path, tmp_path: Pat
     assert result.returncode == 0, result.stderr
 
     masks = json.loads((run_dir / "masks/manifest.json").read_text())
-    assert masks["schema_version"] == 1 and masks["mode"] == "prompt"
+    assert masks["schema_version"] == 2 and masks["mode"] == "prompt"
+    # the input is the photo's own bytes, described by input/manifest.json; nothing re-encoded
+    stored = json.loads((run_dir / "input/manifest.json").read_text())
+    assert (run_dir / stored["file"]["path"]).read_bytes() == image.read_bytes()
+    assert stored["file"]["path"] == "input/source.png" and not (run_dir / "input/image.png").exists()
+    assert masks["image"] == stored["file"] and (run_dir / masks["preview"]).is_file()
     assert sorted(o["label"] for o in masks["objects"]) == ["blue ball", "red box", "red box"]
     for obj in masks["objects"]:
         mask = np.asarray(Image.open(run_dir / obj["file"]))

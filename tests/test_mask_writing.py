@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.handoff import INPUT_IMAGE, MANIFEST_NAME, MASKS_DIR
+from pipeline.driver.sources import store_photo
+from pipeline.handoff import MANIFEST_NAME, MASKS_DIR
 from pipeline.images import read_mask, write_mask
 from pipeline.stages.postprocess import Candidate, mask_bbox
 from pipeline.stages.segment import write_masks
@@ -20,8 +21,9 @@ H, W = 90, 120
 
 def _run_dir(tmp_path: Path, name: str) -> Path:
     run = tmp_path / name
-    (run / INPUT_IMAGE).parent.mkdir(parents=True)
-    Image.new("RGB", (W, H), (40, 80, 120)).save(run / INPUT_IMAGE)
+    run.mkdir()
+    Image.new("RGB", (W, H), (40, 80, 120)).save(tmp_path / f"{name}.png")
+    store_photo(run, tmp_path / f"{name}.png")
     return run
 
 

@@ -171,13 +171,14 @@ def test_segment_worker_query_mode_writes_masks_manifest_and_agent_dir(server, t
     """The worker path the runner uses: run_agent inside SegmentWorker, outputs renamed into the run dir."""
     import io
 
-    from pipeline.handoff import INPUT_IMAGE
+    from pipeline.driver.sources import store_photo
     from pipeline.stages.protocol import Job, Reporter
     from pipeline.stages.segment import SegmentWorker
 
     run_dir = tmp_path / "run"
-    (run_dir / INPUT_IMAGE).parent.mkdir(parents=True)
-    _image().save(run_dir / INPUT_IMAGE)
+    run_dir.mkdir(parents=True)
+    _image().save(run_dir.parent / f"{run_dir.name}.png")
+    store_photo(run_dir, run_dir.parent / f"{run_dir.name}.png")
     config = _config().model_copy(
         update={"segment": _config().segment.model_copy(update={"backend": "tests.doubles.segmenters:ColorBlobSegmenterDouble"})}
     )
@@ -211,7 +212,7 @@ def test_a_group_of_query_jobs_asks_its_first_proposals_ahead_together(server, t
     """prepare_group sends every query job's first VLM request at once; each run then uses its own answer."""
     import io
 
-    from pipeline.handoff import INPUT_IMAGE
+    from pipeline.driver.sources import store_photo
     from pipeline.stages.protocol import Job, Reporter
     from pipeline.stages.segment import SegmentWorker
 
@@ -221,8 +222,9 @@ def test_a_group_of_query_jobs_asks_its_first_proposals_ahead_together(server, t
     jobs = []
     for i in range(3):
         run_dir = tmp_path / f"run{i}"
-        (run_dir / INPUT_IMAGE).parent.mkdir(parents=True)
-        _image().save(run_dir / INPUT_IMAGE)
+        run_dir.mkdir(parents=True)
+        _image().save(run_dir.parent / f"{run_dir.name}.png")
+        store_photo(run_dir, run_dir.parent / f"{run_dir.name}.png")
         jobs.append(Job(id=f"j{i}", run_dir=str(run_dir), fingerprint="sha256:test",
                         params={"mode": "query", "query": "the blue box", "vlm_url": server.url}))
     propose = {"content": {"phrases": ["blue box"], "reason": "blue"}, "delay_s": 0.3}

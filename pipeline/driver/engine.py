@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from pipeline.driver.budget import check_gpu_budget
 from pipeline.driver.envs import resolve_env
 from pipeline.driver.reaper import ChildGuard
 from pipeline.driver.runner import ActiveRun, RunOutcome, RunRequest, Runner, StageOutcome, validate_request
+from pipeline.driver.sources import SourceIndex, SourcePhoto
 from pipeline.driver.workers import JobOutcome, WorkerProcess, load_key
 from pipeline.errors import PipelineError, RunCancelled, StageFailed, UsageError
 from pipeline.handoff import LOGS_DIR
@@ -47,6 +49,7 @@ EventKind = Literal[
 ]
 RunState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 _JOIN_S = 30.0
+_PHOTO_CHECKERS = 2  # threads that hash and check submitted photos while earlier runs use the workers
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class RunHandle:
         self.outcome: RunOutcome | None = None
         self.active: ActiveRun | None = None
         self.submitted = time.time()
+        self.photo: Future[SourcePhoto] | None = None  # its photo, checked ahead on the engine's pool
         self._engine = engine
         self._done = threading.Event()
         self._cancel = threading.Event()
@@ -351,6 +355,8 @@ class Engine:
         self._vlm_lock = threading.Lock()
         self._started = False
         self.stale: list[str] = []
+        self.sources = SourceIndex(self.state_dir)
+        self._checkers = ThreadPoolExecutor(max_workers=_PHOTO_CHECKERS, thread_name_prefix="photo-check")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -401,6 +407,8 @@ class Engine:
             if not h.done():
                 self._finish(h, cancelled=True)
         self._stack.close()
+        self._checkers.shutdown(wait=True, cancel_futures=True)
+        self.sources.close()
         if not any(h.state == "failed" for h in self._handles.values()):  # keep worker logs only when useful
             for log in (self.state_dir / LOGS_DIR).glob(f"*-{os.getpid()}.log"):
                 log.unlink(missing_ok=True)
@@ -422,6 +430,8 @@ class Engine:
         for stage in stages:
             resolve_env(config, config.stage(stage).env)
         handle = RunHandle(self, req, config)
+        if req.image is not None:  # hashed and checked now, off the lanes, while earlier runs compute
+            handle.photo = self._checkers.submit(self.sources.identify, Path(req.image), max_pixels=config.run.max_pixels)
         with self._lock:
             self._handles[handle.id] = handle
         self._emit(handle, "queued")
@@ -467,8 +477,16 @@ class Engine:
     def _start_run(self, h: RunHandle) -> None:
         h.state = "running"
         self._emit(h, "started")
-        runner = Runner(h.config, say=lambda msg: self._emit(h, "note", message=msg))
+        runner = Runner(h.config, say=lambda msg: self._emit(h, "note", message=msg), photos=self._photos_for(h))
         h.active = runner.open(h.request)
+
+    def _photos_for(self, h: RunHandle) -> Callable[[Path], SourcePhoto]:
+        """The run's photo as checked ahead (its errors raised here); any other path is checked now."""
+        def photo(path: Path) -> SourcePhoto:
+            if h.photo is not None and h.request.image is not None and Path(path) == Path(h.request.image):
+                return h.photo.result()
+            return self.sources.identify(path, max_pixels=h.config.run.max_pixels)
+        return photo
 
     def _stage_params(self, stage: str, handles: list[RunHandle]) -> dict[str, Any]:
         """Extra job params: the VLM endpoint when a segment run is in query mode (the server starts here)."""

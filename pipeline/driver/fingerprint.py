@@ -23,8 +23,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent  # pipeline/
 EXCLUDED_KEYS = frozenset({"env", "variables", "device", "preview"})
 
 _STAGE_SOURCES: dict[str, tuple[str, ...]] = {
-    "segment": ("stages/segment.py", "stages/postprocess.py", "images.py", "stages/agent/loop.py", "stages/agent/prompts.py", "stages/agent/client.py"),
-    "reconstruct": ("stages/reconstruct.py", "stages/scene.py", "stages/frames.py", "images.py"),
+    "segment": ("stages/segment.py", "stages/postprocess.py", "images.py", "inputs.py", "stages/agent/loop.py", "stages/agent/prompts.py", "stages/agent/client.py"),
+    "reconstruct": ("stages/reconstruct.py", "stages/scene.py", "stages/frames.py", "images.py", "inputs.py"),
 }
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pipeline.atomic import sha256_file, write_bytes_atomic
+from pipeline.atomic import sha256_file
 from pipeline.errors import InputError
 from pipeline.driver.fingerprint import fingerprint
-from pipeline.handoff import INPUT_IMAGE, MANIFEST_NAME, MaskManifest, load_manifest
+from pipeline.handoff import MANIFEST_NAME, InputManifest, MaskManifest, load_manifest
 from pipeline.images import MASK_SUFFIXES, read_mask
 from pipeline.stages.postprocess import Candidate, mask_bbox
 
@@ -41,15 +41,11 @@ def check_masks(masks_dir: Path, size: tuple[int, int]) -> None:
             raise InputError(f"mask {path} is empty", hint="remove it; every mask must mark one object")
 
 
-def import_masks(run_dir: Path, masks_dir: Path, png: bytes) -> MaskManifest:
-    """Write ``png`` as the run's input image and the masks of ``masks_dir`` per the handoff contract."""
-    from PIL import Image
-    import io
-
+def import_masks(run_dir: Path, masks_dir: Path, image: InputManifest) -> MaskManifest:
+    """Write the masks of ``masks_dir`` per the handoff contract, for the run's stored input ``image``."""
     from pipeline.stages.segment import write_masks
 
-    with Image.open(io.BytesIO(png)) as img:
-        size = img.size
+    size = (image.width, image.height)
     files = find_mask_files(masks_dir)
     masks = [read_mask(p, size) for p in files]  # raises on a size mismatch before anything is written
     labels: dict[str, tuple[str, float]] = {}
@@ -63,6 +59,5 @@ def import_masks(run_dir: Path, masks_dir: Path, png: bytes) -> MaskManifest:
             raise InputError(f"mask {path} is empty", hint="remove it; every mask must mark one object")
         label, score = labels.get(path.name, (path.stem, 1.0))
         candidates.append(Candidate(mask, mask_bbox(mask), score, [label]))
-    write_bytes_atomic(run_dir / INPUT_IMAGE, png)
-    fp = fingerprint({"import": [sha256_file(p) for p in files], "image": sha256_file(run_dir / INPUT_IMAGE)})
+    fp = fingerprint({"import": [sha256_file(p) for p in files], "image": image.identity})
     return write_masks(run_dir, candidates, fingerprint=fp, mode="import", backend="import", prompts=[])

@@ -8,7 +8,6 @@ started here: :mod:`pipeline.driver.engine` owns them and drives an :class:`Acti
 
 from __future__ import annotations
 
-import io
 import platform
 import sys
 import time
@@ -18,36 +17,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pipeline.atomic import sha256_bytes, sha256_file, write_bytes_atomic, write_json_atomic
+from pipeline.atomic import write_json_atomic
 from pipeline.config import STAGE_NAMES, PipelineConfig
 from pipeline.driver.envs import resolve_env
 from pipeline.errors import InputError, ManifestError, PipelineError, UsageError
 from pipeline.driver.fingerprint import code_version, fingerprint, section_params
 from pipeline.handoff import (
-    INPUT_IMAGE,
     LOGS_DIR,
     MANIFEST_NAME,
     MASKS_DIR,
     OBJECTS_DIR,
     RUN_RECORD,
+    SCHEMA_VERSION,
     FileRecord,
     MaskManifest,
     ObjectsManifest,
     RunRecord,
     StageRecord,
-    file_record,
     load_manifest,
     now_iso,
 )
-from pipeline.images import normalise_image, open_image
+from pipeline.inputs import load_input
 from pipeline.driver.lock import run_lock
+from pipeline.driver.sources import SourceIndex, SourcePhoto, store_input
 from pipeline.driver.plan import Decision, RecordedOutputs, decide, stages_from
 from pipeline.stages.protocol import Job
 
-__all__ = ["RunRequest", "StageOutcome", "RunOutcome", "Runner", "ActiveRun", "CONFIG_NAME", "input_png", "validate_request"]
+__all__ = ["RunRequest", "StageOutcome", "RunOutcome", "Runner", "ActiveRun", "CONFIG_NAME", "validate_request",
+           "PhotoSource"]
 
 CONFIG_NAME = "config.json"
 Reporter = Callable[[str], None]
+#: How a runner learns a request's photo: path → checked, content-named photo (the engine's prefetching pool).
+PhotoSource = Callable[[Path], SourcePhoto]
 
 
 @dataclass(frozen=True)
@@ -88,14 +90,6 @@ class RunOutcome:
     stages: list[StageOutcome]
 
 
-def input_png(image_path: Path) -> bytes:
-    """The input image as the run stores it: EXIF orientation applied, RGB, PNG-encoded (deterministic)."""
-    image = normalise_image(open_image(image_path))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def validate_request(req: RunRequest) -> None:
     """Reject contradictory or empty requests with a usage error."""
     if "segment" in req.stages and req.image is not None:
@@ -108,19 +102,30 @@ def validate_request(req: RunRequest) -> None:
 
 
 class Runner:
-    """Runs the stages of one run directory with one resolved config."""
+    """Runs the stages of one run directory with one resolved config.
 
-    def __init__(self, config: PipelineConfig, *, say: Reporter = print) -> None:
+    ``photos`` names a request's photo by content (default: a :class:`SourceIndex` in the engine's state dir,
+    checked against ``run.max_pixels``); the engine passes one that was started ahead, while earlier images run.
+    """
+
+    def __init__(self, config: PipelineConfig, *, say: Reporter = print, photos: PhotoSource | None = None) -> None:
         self.config = config
         self.say = say
+        self._photos = photos
+
+    def _photo(self, path: Path) -> SourcePhoto:
+        if self._photos is None:
+            index = SourceIndex(self.config.engine.resolved_state_dir())
+            self._photos = lambda p: index.identify(p, max_pixels=self.config.run.max_pixels)
+        return self._photos(path)
 
     # ------------------------------------------------------------------ fingerprints and recorded state
 
-    def _segment_fingerprint(self, req: RunRequest, image_sha: str) -> str:
+    def _segment_fingerprint(self, req: RunRequest, image_id: str) -> str:
         cfg = self.config
         components: dict[str, Any] = {
             "stage": "segment",
-            "inputs": {"image": image_sha},
+            "inputs": {"image": image_id},
             "request": {"mode": req.mode, "query": req.query, "prompts": list(req.prompts)},
             "params": section_params(cfg.segment.model_dump(mode="json")),
             "env": cfg.env_for(cfg.segment.env).model_dump(mode="json", exclude={"variables"}),
@@ -133,12 +138,12 @@ class Runner:
             components["agent"] = cfg.agent.model_dump(mode="json")
         return fingerprint(components)
 
-    def _reconstruct_fingerprint(self, image_sha: str, masks: MaskManifest) -> str:
+    def _reconstruct_fingerprint(self, image_id: str, masks: MaskManifest) -> str:
         cfg = self.config
         return fingerprint(
             {
                 "stage": "reconstruct",
-                "inputs": {"image": image_sha, "masks": [o.model_dump(mode="json", exclude={"decision"}) for o in masks.objects]},
+                "inputs": {"image": image_id, "masks": [o.model_dump(mode="json", exclude={"decision"}) for o in masks.objects]},
                 "params": section_params(cfg.reconstruct.model_dump(mode="json")),
                 "env": cfg.env_for(cfg.reconstruct.env).model_dump(mode="json", exclude={"variables"}),
                 "code": code_version("reconstruct", cfg.reconstruct.backend),
@@ -166,19 +171,19 @@ class Runner:
             return exc
         return RecordedOutputs(o.fingerprint, tuple(f for rec in o.objects for f in rec.files) + tuple(o.scene))
 
-    def _stage_fingerprint(self, stage: str, req: RunRequest, image_sha: str) -> str | None:
+    def _stage_fingerprint(self, stage: str, req: RunRequest, image_id: str) -> str | None:
         if stage == "segment":
-            return self._segment_fingerprint(req, image_sha)
+            return self._segment_fingerprint(req, image_id)
         masks_path = req.run_dir / MASKS_DIR / MANIFEST_NAME
         try:
             masks = load_manifest(masks_path, MaskManifest)
         except ManifestError:
             return None
-        return self._reconstruct_fingerprint(image_sha, masks)
+        return self._reconstruct_fingerprint(image_id, masks)
 
-    def _decide(self, stage: str, req: RunRequest, image_sha: str, upstream_runs: str | None = None) -> Decision:
+    def _decide(self, stage: str, req: RunRequest, image_id: str, upstream_runs: str | None = None) -> Decision:
         forced = stage in req.force or stage in stages_from(req.from_stage)
-        fp = None if upstream_runs else self._stage_fingerprint(stage, req, image_sha)
+        fp = None if upstream_runs else self._stage_fingerprint(stage, req, image_id)
         return decide(
             stage,
             run_dir=req.run_dir,
@@ -190,45 +195,37 @@ class Runner:
 
     # ------------------------------------------------------------------ planning
 
-    def _image_sha(self, req: RunRequest) -> tuple[str, bytes | None]:
+    def _image(self, req: RunRequest) -> tuple[str, SourcePhoto | None]:
+        """The image identity of the request (its photo's, or the run's stored input's) and the checked photo."""
         if req.image is not None:
-            png = input_png(req.image)
-            return sha256_bytes(png), png
-        stored = req.run_dir / INPUT_IMAGE
-        if not stored.exists():
-            raise InputError(
-                f"{req.run_dir} holds no input image ({INPUT_IMAGE})",
-                hint="pass --image, or point --run at a directory made by `python -m pipeline segment` or `run`",
-            )
-        return sha256_file(stored), None
+            photo = self._photo(Path(req.image))
+            return photo.identity, photo
+        return load_input(req.run_dir).identity, None
 
     def plan(self, req: RunRequest) -> list[Decision]:
         """Predict every stage's decision without touching anything (``--dry-run``)."""
         validate_request(req)
-        return self._plan(req, self._image_sha(req)[0])
+        return self._plan(req, self._image(req)[0])
 
-    def _plan(self, req: RunRequest, image_sha: str) -> list[Decision]:
+    def _plan(self, req: RunRequest, image_id: str) -> list[Decision]:
         decisions: list[Decision] = []
         upstream: str | None = None
         for stage in req.stages:
-            d = self._decide(stage, req, image_sha, upstream)
+            d = self._decide(stage, req, image_id, upstream)
             decisions.append(d)
             if d.runs:
                 upstream = stage
         return decisions
 
-    def _preflight(self, req: RunRequest, image_sha: str, png: bytes | None) -> None:
+    def _preflight(self, req: RunRequest, image_id: str, photo: SourcePhoto | None) -> None:
         """Fail before anything is written if an input is bad or a stage that will run has no env."""
         if req.masks_dir is not None:
-            from PIL import Image
-
             from pipeline.driver.importing import check_masks
 
-            if png is None:
+            if photo is None:
                 raise UsageError("--masks needs --image (the image the masks were made from)")
-            with Image.open(io.BytesIO(png)) as img:
-                check_masks(req.masks_dir, img.size)
-        for d in self._plan(req, image_sha):
+            check_masks(req.masks_dir, (photo.facts.width, photo.facts.height))
+        for d in self._plan(req, image_id):
             if not d.runs:
                 continue
             section = self.config.stage(d.stage)
@@ -242,7 +239,7 @@ class Runner:
 
     # ------------------------------------------------------------------ records
 
-    def _open_record(self, req: RunRequest, png: bytes | None) -> RunRecord:
+    def _open_record(self, req: RunRequest, photo: SourcePhoto | None) -> RunRecord:
         run_dir = req.run_dir
         path = run_dir / RUN_RECORD
         record: RunRecord | None = None
@@ -253,25 +250,24 @@ class Runner:
                 record = None
         if record is None:
             record = RunRecord(run_id=run_dir.name)
-        stored = run_dir / INPUT_IMAGE
-        if png is not None and (not stored.exists() or sha256_file(stored) != sha256_bytes(png)):
-            write_bytes_atomic(stored, png)
         updates: dict[str, Any] = {
             "config": self.config.model_dump(mode="json"),
-            "versions": {"python": platform.python_version(), "driver_python": sys.executable, "schema": "1"},
+            "versions": {"python": platform.python_version(), "driver_python": sys.executable, "schema": str(SCHEMA_VERSION)},
         }
-        if req.image is not None:
-            updates.update(image=file_record(run_dir, stored), source_image=str(Path(req.image).resolve()))
+        if photo is not None:
+            stored = store_input(run_dir, photo, mode=self.config.run.store_input)
+            updates.update(image=stored.file, source_image=str(photo.path), input=stored)
         if "segment" in req.stages and req.image is not None:
             updates.update(query=req.query, prompts=list(req.prompts))
         record = record.model_copy(update=updates)
         self._save_record(run_dir, record)
         return record
 
-    def _import(self, req: RunRequest, png: bytes, record: RunRecord) -> None:
+    def _import(self, req: RunRequest, record: RunRecord) -> None:
         from pipeline.driver.importing import import_masks
 
-        manifest = import_masks(req.run_dir, req.masks_dir, png)
+        assert req.masks_dir is not None
+        manifest = import_masks(req.run_dir, req.masks_dir, load_input(req.run_dir))
         record.stages["segment"] = StageRecord(
             status="succeeded", fingerprint=manifest.fingerprint, reason=f"imported from {req.masks_dir}",
             started=now_iso(), ended=now_iso(), duration_s=0.0,
@@ -302,19 +298,19 @@ class Runner:
         if req.dry_run:
             raise UsageError("a dry run plans only: use Runner.plan()")
         validate_request(req)
-        image_sha, png = self._image_sha(req)
-        self._preflight(req, image_sha, png)
+        image_id, photo = self._image(req)
+        self._preflight(req, image_id, photo)
         stack = ExitStack()
         stack.enter_context(run_lock(req.run_dir))
         try:
-            record = self._open_record(req, png)
-            if req.masks_dir is not None and png is not None:
-                self._import(req, png, record)
+            record = self._open_record(req, photo)
+            if req.masks_dir is not None and photo is not None:
+                self._import(req, record)
             write_json_atomic(req.run_dir / CONFIG_NAME, self.config.model_dump(mode="json"))
         except BaseException:
             stack.close()
             raise
-        return ActiveRun(self, req, record, image_sha, stack)
+        return ActiveRun(self, req, record, image_id, stack)
 
 class ActiveRun:
     """One open run: its lock is held and its ``run.json`` record kept current, stage by stage.
@@ -323,11 +319,11 @@ class ActiveRun:
     worker :class:`~pipeline.stages.protocol.Job`), then :meth:`succeed` or :meth:`fail`; finally :meth:`close`.
     """
 
-    def __init__(self, runner: Runner, req: RunRequest, record: RunRecord, image_sha: str, lock: ExitStack) -> None:
+    def __init__(self, runner: Runner, req: RunRequest, record: RunRecord, image_id: str, lock: ExitStack) -> None:
         self.runner = runner
         self.req = req
         self.record = record
-        self.image_sha = image_sha
+        self.image_id = image_id
         self._lock = lock
         self.outcomes: list[StageOutcome] = []
         self._t0: dict[str, float] = {}
@@ -340,7 +336,7 @@ class ActiveRun:
     def decide(self, stage: str) -> StageOutcome:
         """Plan ``stage`` now, from the outputs that exist now; the outcome is kept in :attr:`outcomes` (a stage
         decided again — its run requeued before its worker took it — replaces its earlier outcome)."""
-        outcome = StageOutcome(self.runner._decide(stage, self.req, self.image_sha))
+        outcome = StageOutcome(self.runner._decide(stage, self.req, self.image_id))
         self.outcomes = [o for o in self.outcomes if o.decision.stage != stage] + [outcome]
         return outcome
 
@@ -354,7 +350,7 @@ class ActiveRun:
 
     def begin(self, stage: str, params: dict[str, Any] | None = None) -> Job:
         """Record the stage as running, start its log and return the job for its worker."""
-        fp = self.runner._stage_fingerprint(stage, self.req, self.image_sha)
+        fp = self.runner._stage_fingerprint(stage, self.req, self.image_id)
         assert fp is not None, "the upstream manifest exists once its stage has run"
         log_rel = f"{LOGS_DIR}/{stage}.log"
         log_path = self.run_dir / log_rel

@@ -1,7 +1,8 @@
 """Reconstruction stage worker: image + masks manifest → per-object 3D files + composed scene + manifest.
 
 Run by the driver as ``<sam3d env python> -u -m pipeline.stages.reconstruct --config <run>/config.json``
-(see :mod:`pipeline.stages.protocol`). Reads ``<run>/input/image.png`` and ``<run>/masks/manifest.json``.
+(see :mod:`pipeline.stages.protocol`). Reads the run's input photo (``<run>/input/manifest.json``; decoded once,
+checked against its sha256) and ``<run>/masks/manifest.json``.
 Per-image work (the pointmap) is done once and shared by every object. Writes
 ``<run>/objects/NNN/{gaussians.ply, mesh.glb, pose.json}``, ``<run>/scene/{scene.ply, scene.glb}`` and, last,
 ``<run>/objects/manifest.json``. Object ``i`` uses seed ``reconstruct.seed + i``.
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from pipeline.atomic import fresh_dir, replace_dir, sha256_file
 from pipeline.backends import load_backend_class
@@ -22,7 +22,6 @@ from pipeline.backends.base import ObjectReconstruction, Reconstructor
 from pipeline.config import PipelineConfig
 from pipeline.errors import InputError
 from pipeline.handoff import (
-    INPUT_IMAGE,
     MANIFEST_NAME,
     MASKS_DIR,
     OBJECTS_DIR,
@@ -35,6 +34,7 @@ from pipeline.handoff import (
     write_manifest,
 )
 from pipeline.images import read_mask
+from pipeline.inputs import read_input
 from pipeline.stages.protocol import Job, Reporter, worker_main
 
 __all__ = ["ReconstructWorker"]
@@ -67,9 +67,11 @@ class ReconstructWorker:
         run_dir = Path(job.run_dir)
         masks_manifest_path = run_dir / MASKS_DIR / MANIFEST_NAME
         masks = load_manifest(masks_manifest_path, MaskManifest)
-        with Image.open(run_dir / INPUT_IMAGE) as img:
-            image = np.asarray(img.convert("RGB"))
         timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        decoded, _ = read_input(run_dir)
+        image = np.asarray(decoded)
+        timings["read_image_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         context = self.reconstructor.prepare(image)
         timings["prepare_s"] = time.perf_counter() - t0

@@ -6,37 +6,40 @@ Run by the driver as ``<sam3 env python> -u -m pipeline.stages.segment --config 
     {"mode": "prompt", "prompts": ["horse", "rider"]}
     {"mode": "query", "query": "the two horses on the left", "vlm_url": "http://127.0.0.1:8001/v1"}
 
-Reads ``<run>/input/image.png``; writes ``<run>/masks/NNN.png`` (0/255, input H×W) and, last,
-``<run>/masks/manifest.json``; in query mode also ``<run>/agent/`` (transcript + overlays). Outputs are
-built in ``<name>.partial`` directories and renamed into place, so a killed worker leaves no manifest.
+Reads ``<run>/input/manifest.json`` and the photo it names (decoded once per job, checked against its sha256;
+the images of a job group are decoded on threads while earlier jobs of the group run); writes
+``<run>/masks/NNN.png`` (0/255, displayed H×W), ``<run>/masks/preview.jpg`` (the displayed image, ≤ 1600 px, for
+pages and overlays) and, last, ``<run>/masks/manifest.json``; in query mode also ``<run>/agent/`` (transcript +
+overlays). Outputs are built in ``<name>.partial`` directories and renamed into place, so a killed worker leaves
+no manifest.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from pipeline.atomic import fresh_dir, replace_dir, sha256_file
+from pipeline.atomic import fresh_dir, replace_dir, sha256_file, write_with
 from pipeline.backends import load_backend_class
 from pipeline.backends.base import Segmenter
 from pipeline.config import PipelineConfig
 from pipeline.errors import InputError
 from pipeline.handoff import (
     AGENT_DIR,
-    INPUT_IMAGE,
     MANIFEST_NAME,
     MASKS_DIR,
+    InputManifest,
     MaskManifest,
     MaskObject,
-    file_record,
     write_manifest,
 )
 from pipeline.images import write_mask
+from pipeline.inputs import load_input, read_input
 from pipeline.stages.postprocess import Candidate, select_objects
 from pipeline.stages.protocol import Job, Reporter, worker_main
 
@@ -47,7 +50,9 @@ __all__ = ["SegmentWorker", "write_masks"]
 
 NO_MATCH = "no object matches"
 MASK_WRITERS = 8  # at most this many threads encode a run's mask PNGs
-
+DECODERS = 4  # threads decoding a job group's photos ahead of the jobs
+PREVIEW_NAME = "preview.jpg"
+PREVIEW_MAX_SIDE = 1600  # pixels; pages and overlays never need more
 
 
 def write_masks(
@@ -61,14 +66,17 @@ def write_masks(
     prompts: list[str] | None = None,
     reason: str | None = None,
     workers: int | None = None,
+    image: InputManifest | None = None,
+    preview: Image.Image | None = None,
 ) -> MaskManifest:
     """Write ``masks/NNN.png`` for each candidate through a staging dir, then the manifest, last.
 
-    PNG encoding (≈ 8 ms per 1440×1080 mask on one core) runs on ``workers`` threads (default: up to 8, one per
-    core; Pillow releases the GIL while it compresses); ``workers=1`` writes them one after another."""
-    image_path = run_dir / INPUT_IMAGE
-    with Image.open(image_path) as img:
-        width, height = img.size
+    ``image``: the run's input manifest (read from the run when None); ``preview``: the displayed image, written
+    downscaled as ``masks/preview.jpg``. PNG encoding (≈ 8 ms per 1440×1080 mask on one core) runs on
+    ``workers`` threads (default: up to 8, one per core; Pillow releases the GIL while it compresses), the
+    preview beside them; ``workers=1`` writes them one after another."""
+    image = image or load_input(run_dir)
+    width, height = image.width, image.height
     staging = fresh_dir(run_dir / f"{MASKS_DIR}.partial")
     names = [f"{i:03d}.png" for i in range(len(candidates))]
 
@@ -77,10 +85,15 @@ def write_masks(
         return sha256_file(staging / names[i])
 
     workers = workers or min(MASK_WRITERS, os.cpu_count() or 1)
-    if workers > 1 and len(candidates) > 1:
-        with ThreadPoolExecutor(max_workers=min(workers, len(candidates)), thread_name_prefix="mask-png") as pool:
+    if workers > 1 and (len(candidates) > 1 or preview is not None):
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(candidates) + 1)), thread_name_prefix="mask-png") as pool:
+            previewed = pool.submit(write_preview, staging / PREVIEW_NAME, preview) if preview is not None else None
             digests = list(pool.map(write, range(len(candidates))))
+            if previewed is not None:
+                previewed.result()
     else:
+        if preview is not None:
+            write_preview(staging / PREVIEW_NAME, preview)
         digests = [write(i) for i in range(len(candidates))]
     objects = [
         MaskObject(
@@ -100,7 +113,7 @@ def write_masks(
     replace_dir(staging, final)
     manifest = MaskManifest(
         fingerprint=fingerprint,
-        image=file_record(run_dir, image_path),
+        image=image.file,
         width=width,
         height=height,
         mode=mode,  # type: ignore[arg-type]
@@ -109,18 +122,17 @@ def write_masks(
         backend=backend,
         objects=objects,
         reason=reason if reason else (NO_MATCH if not objects else None),
+        preview=f"{MASKS_DIR}/{PREVIEW_NAME}" if preview is not None else None,
     )
     write_manifest(final / MANIFEST_NAME, manifest)
     return manifest
 
 
-def _read_image(run_dir: Path) -> Image.Image:
-    """The run's stored input image (RGB), or an InputError naming the missing file."""
-    image_path = run_dir / INPUT_IMAGE
-    if not image_path.exists():
-        raise InputError(f"{image_path} is missing", hint="rerun the whole pipeline so the input is copied")
-    with Image.open(image_path) as img:
-        return img.convert("RGB")
+def write_preview(path: Path, image: Image.Image) -> Path:
+    """Write ``image`` as a JPEG (quality 85) no larger than :data:`PREVIEW_MAX_SIDE` on its longer side."""
+    small = image.copy()
+    small.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return write_with(path, lambda tmp: small.save(tmp, format="JPEG", quality=85))
 
 
 class SegmentWorker:
@@ -134,25 +146,39 @@ class SegmentWorker:
         self.segmenter: Segmenter = cls(config.segment)
         self._vlm_pool: ThreadPoolExecutor | None = None
         self._ahead: dict[str, Proposal] = {}
+        self._decoders = ThreadPoolExecutor(max_workers=DECODERS, thread_name_prefix="decode")
+        self._decoded: dict[str, Future[tuple[Image.Image, InputManifest]]] = {}
 
     def load_timings(self) -> dict[str, float]:
         """The backend's start-up seconds (e.g. ``build_s``, ``graph_capture_s``)."""
         return self.segmenter.load_timings()
 
     def prepare_group(self, jobs: list[Job], configs: dict[str, PipelineConfig]) -> None:
-        """Hand the group's images to the backend together (one batched encoder pass where it can), and ask the
-        VLM for the first phrases of every query-mode job at once, so those requests overlap the SAM3 work."""
-        images = [_read_image(Path(job.run_dir)) for job in jobs]
-        queries = [(job, image) for job, image in zip(jobs, images) if job.params.get("mode") == "query"]
+        """Start decoding the group's photos on threads (each job then waits only for its own), hand the images to
+        the backend together where it batches them (one encoder pass), and ask the VLM for the first phrases of
+        every query-mode job at once, so those requests overlap the SAM3 work."""
+        for job in jobs:
+            self._decoded[job.id] = self._decoders.submit(read_input, Path(job.run_dir))
+        queries = [job for job in jobs if job.params.get("mode") == "query"]
+        batches = type(self.segmenter).prefetch is not Segmenter.prefetch  # the default does nothing: don't wait
+        if not queries and not batches:
+            return
+        images = {job.id: self._decoded[job.id].result()[0] for job in jobs}
         if queries:
             from pipeline.stages.agent.loop import propose_ahead  # needs openai: only imported in query mode
 
             if self._vlm_pool is None:
                 self._vlm_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="vlm-ahead")
-            for job, image in queries:
-                self._ahead[job.id] = propose_ahead(self._vlm_pool, image, job.params["query"],
+            for job in queries:
+                self._ahead[job.id] = propose_ahead(self._vlm_pool, images[job.id], job.params["query"],
                                                     config=configs[job.id], vlm_url=job.params["vlm_url"])
-        self.segmenter.prefetch(images)
+        if batches:
+            self.segmenter.prefetch(list(images.values()))
+
+    def _image(self, job: Job) -> tuple[Image.Image, InputManifest]:
+        """The job's decoded photo: the one decoded ahead for its group, else decoded now."""
+        ahead = self._decoded.pop(job.id, None)
+        return ahead.result() if ahead is not None else read_input(Path(job.run_dir))
 
     def run(self, job: Job, config: PipelineConfig, reporter: Reporter) -> dict[str, Any]:
         """Segment one run's input image; returns ``{"objects": N, "timings": {...}}``.
@@ -164,7 +190,9 @@ class SegmentWorker:
         seg = config.segment
         ahead = self._ahead.pop(job.id, None)  # its first VLM proposal, when prepare_group asked for it
         timings: dict[str, float] = {}
-        image = _read_image(run_dir)
+        t0 = time.perf_counter()
+        image, stored = self._image(job)
+        timings["read_image_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.segmenter.set_image(image)
         timings["set_image_s"] = time.perf_counter() - t0
@@ -212,6 +240,8 @@ class SegmentWorker:
             query=query,
             prompts=prompts,
             reason=reason,
+            image=stored,
+            preview=image,
         )
         reporter.progress(job.id, 1, 1, f"{len(manifest.objects)} object(s)")
         return {"objects": len(manifest.objects), "reason": manifest.reason, "timings": timings}

@@ -118,6 +118,7 @@ class JobService:
             run_dir = self.store.root / job_id
             upload = run_dir / "upload" / f"image.{info.ext}"
             await run_in_threadpool(write_bytes_atomic, upload, data)
+            self.engine.sources.seed(upload, info.sha256, info.facts, written_here=True)
             name = Path(client_name or "").name[:120] or None  # shown to the user only, never a path
             job = self.store.create(job_id, {
                 "mode": "query" if query else "prompt", "query": query or None, "prompts": list(prompts),

@@ -37,7 +37,8 @@ def add_serve_command(sub: Any, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--token", help="API bearer token (prefer $PIPELINE_WEB_TOKEN: a flag is visible in `ps`)")
     serve.add_argument("--jobs-dir", type=Path, help="where job run directories live (default <run.out_root>/web)")
     serve.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload in MB (default 50)")
-    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest accepted image in pixels (default 40M)")
+    serve.add_argument("--max-pixels", type=int, default=None,
+                       help="largest accepted image in pixels (default: run.max_pixels, 40M; sets it for the jobs too)")
     serve.add_argument("--max-queue", type=int, default=16, help="jobs queued or running before 429 (default 16)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="allow cross-origin calls from ORIGIN (repeatable; default: none)")
@@ -58,7 +59,7 @@ def build_settings(args: argparse.Namespace, config: PipelineConfig) -> Any:
     from .app import WebSettings
     from .security import TOKEN_ENV, is_loopback, resolve_token
 
-    if args.max_upload_mb <= 0 or args.max_pixels <= 0 or args.max_queue <= 0:
+    if args.max_upload_mb <= 0 or (args.max_pixels is not None and args.max_pixels <= 0) or args.max_queue <= 0:
         raise UsageError("--max-upload-mb, --max-pixels and --max-queue must be positive")
     token = resolve_token(args.host, args.token)
     os.environ.pop(TOKEN_ENV, None)  # stage workers inherit the environment: keep the token out of it
@@ -68,7 +69,7 @@ def build_settings(args: argparse.Namespace, config: PipelineConfig) -> Any:
         token=token,
         demo=args.demo,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-        max_pixels=args.max_pixels,
+        max_pixels=config.run.max_pixels,
         max_queue=args.max_queue,
         cors_origins=tuple(args.cors_origin),
         trusted_hosts=(*_LOOPBACK_HOSTS, args.host) if loopback else (),
@@ -79,12 +80,14 @@ def cmd_serve(args: argparse.Namespace, config: PipelineConfig) -> int:
     """Run the server until Ctrl-C or SIGTERM; the engine (workers, vLLM) stops with it."""
     import uvicorn
 
-    from pipeline.config import load_config
+    from pipeline.config import apply_overrides, load_config
 
     from .app import create_app
 
     if args.demo:
         config = load_config(getattr(args, "config", None), [*getattr(args, "overrides", []), *DEMO_OVERRIDES])
+    if args.max_pixels is not None:  # one limit for the upload check and the jobs' own check
+        config = apply_overrides(config, [f"run.max_pixels={args.max_pixels}"], origin="--max-pixels")
     settings = build_settings(args, config)
     app = create_app(config, settings, engine_factory)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")

@@ -20,7 +20,6 @@ import numpy as np
 from pipeline.errors import ManifestError
 from pipeline.handoff import (
     AGENT_DIR,
-    INPUT_IMAGE,
     MANIFEST_NAME,
     MASKS_DIR,
     OBJECTS_DIR,
@@ -30,6 +29,7 @@ from pipeline.handoff import (
     RunRecord,
     load_manifest,
 )
+from pipeline.inputs import load_input
 from pipeline.stages.frames import frame_matrix, pose_matrix  # numpy only: safe on the driver side
 
 from .jobs import Job
@@ -134,6 +134,22 @@ def list_files(run_dir: Path) -> list[str]:
     return files
 
 
+def _input_view(job_id: str, run_dir: Path, masks: MaskManifest | None) -> dict[str, Any]:
+    """``input_url`` (the stored original photo, as uploaded), ``input`` (how it becomes the displayed image:
+    format, EXIF orientation, stored and displayed size) and ``preview_url`` (the displayed image, oriented and
+    ≤ 1600 px, once the segment stage has run: what the page draws the masks over)."""
+    try:
+        stored = load_input(run_dir)
+    except Exception:  # noqa: BLE001 - no input yet (queued job) or an unreadable manifest: nothing to show
+        stored = None
+    preview = masks.preview if masks and masks.preview and (run_dir / masks.preview).is_file() else None
+    return {
+        "input_url": file_url(job_id, stored.file.path) if stored else None,
+        "input": {"normalisation": stored.normalisation, **stored.facts} if stored else None,
+        "preview_url": file_url(job_id, preview) if preview else None,
+    }
+
+
 def job_detail(job: Job, *, queue_position: int | None = None, waiting: str | None = None) -> dict[str, Any]:
     """The full form of ``GET /api/jobs/{id}``."""
     run_dir = job.dir
@@ -150,7 +166,7 @@ def job_detail(job: Job, *, queue_position: int | None = None, waiting: str | No
     detail.update(
         waiting=waiting,
         stages=stages,
-        input_url=file_url(job.id, INPUT_IMAGE) if (run_dir / INPUT_IMAGE).exists() else None,
+        **_input_view(job.id, run_dir, masks),
         image_size=[masks.width, masks.height] if masks else None,
         objects=_objects(job, masks, objs),
         segment_reason=masks.reason if masks else None,

@@ -242,8 +242,10 @@ function loadImage(url) {
 
 async function drawOverlay(job) {
   const canvas = $("overlay");
-  if (!job.input_url) { canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height); return; }
-  const img = await loadImage(job.input_url);
+  // The preview is the displayed image (EXIF orientation applied, <= 1600 px); masks are drawn scaled onto it.
+  const url = job.preview_url || job.input_url;
+  if (!url) { canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height); return; }
+  const img = await loadImage(url);
   canvas.width = img.width; canvas.height = img.height;
   const ctx = canvas.getContext("2d");
   ctx.drawImage(img, 0, 0);
@@ -254,7 +256,7 @@ async function drawOverlay(job) {
     const mask = await loadImage(obj.mask_url);
     t.globalCompositeOperation = "source-over";
     t.clearRect(0, 0, tmp.width, tmp.height);
-    const data = (() => { t.drawImage(mask, 0, 0); return t.getImageData(0, 0, tmp.width, tmp.height); })();
+    const data = (() => { t.drawImage(mask, 0, 0, tmp.width, tmp.height); return t.getImageData(0, 0, tmp.width, tmp.height); })();
     for (let k = 0; k < data.data.length; k += 4) data.data[k + 3] = data.data[k] > 127 ? 140 : 0;
     const [r, g, b] = COLOURS[i % COLOURS.length].match(/\w\w/g).map((h) => parseInt(h, 16));
     for (let k = 0; k < data.data.length; k += 4) { data.data[k] = r; data.data[k + 1] = g; data.data[k + 2] = b; }
