@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,17 @@ def test_a_read_only_state_dir_still_works_from_memory(tmp_path: Path) -> None:
     assert SourceIndex(blocked / "state").identify(photo, max_pixels=10**8).size == photo.stat().st_size
 
 
+def test_a_damaged_store_is_a_cache_miss_not_an_error(tmp_path: Path) -> None:
+    photo = tmp_path / "p.png"
+    photo.write_bytes(_png(_scene()))
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "sources.sqlite").write_bytes(b"this is not a database" * 100)
+    index = SourceIndex(state, racy_window_ns=0)
+    assert index.identify(photo, max_pixels=10**8).size == photo.stat().st_size
+    assert index.identify(photo, max_pixels=10**8).facts.width == 120
+
+
 def test_a_rerun_reads_no_pixels_and_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     photo = tmp_path / "p.jpg"
     photo.write_bytes(_jpeg(_scene(), orientation=6))
@@ -234,7 +246,8 @@ def _run_stages(config: PipelineConfig, run_dir: Path, photo: Path | None) -> No
         for stage, worker in (("segment", SegmentWorker(config)), ("reconstruct", ReconstructWorker(config))):
             outcome = active.decide(stage)
             job: Job = active.begin(stage)
-            active.succeed(outcome, worker.run(job, config, reporter))
+            result = worker.run(job, config, reporter)
+            active.succeed(outcome, result.result() if isinstance(result, Future) else result)
     finally:
         active.close()
 

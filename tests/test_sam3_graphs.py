@@ -134,3 +134,15 @@ def test_static_features_follow_each_new_image_and_prefetched_features(segmenter
         segmenter.config = config
     c = segmenter._image["backbone_out"]["vision_features"].float()
     assert float((c - a.float()).abs().max()) <= 5e-2 * float(a.float().abs().max())
+
+
+@pytest.mark.parametrize("size", [(640, 480), (4032, 3024)])
+def test_pixels_equal_upstreams_pil_to_tensor_preparation(segmenter, size: tuple[int, int]) -> None:  # noqa: ANN001
+    import torch
+    from torchvision.transforms import v2
+
+    image = _photo(4, size)
+    with torch.inference_mode():
+        strided = v2.functional.pil_to_tensor(image).to(segmenter.device)  # the (3, H, W) view upstream moves
+        expected = (v2.functional.resize(strided, [1008, 1008], antialias=True).float() / 255.0 - 0.5) / 0.5
+    assert torch.equal(segmenter._pixels(image).float(), expected.float())

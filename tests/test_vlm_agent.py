@@ -185,7 +185,7 @@ def test_segment_worker_query_mode_writes_masks_manifest_and_agent_dir(server, t
     server.load_script([{"content": {"phrases": ["blue box"], "reason": "blue"}}, {"content": _keep([1], "blue box")}])
     worker = SegmentWorker(config)
     job = Job(id="j", run_dir=str(run_dir), fingerprint="sha256:test", params={"mode": "query", "query": "the blue box", "vlm_url": server.url})
-    summary = worker.run(job, config, Reporter(io.StringIO()))
+    summary = worker.run(job, config, Reporter(io.StringIO())).result()
     assert summary["objects"] == 1 and worker.segmenter.encodings == 1
     manifest = json.loads((run_dir / "masks" / "manifest.json").read_text())
     assert manifest["mode"] == "query" and manifest["prompts"] == ["blue box"]
@@ -231,7 +231,7 @@ def test_a_group_of_query_jobs_asks_its_first_proposals_ahead_together(server, t
     server.load_script([propose] * 3 + [{"content": _keep([1], "blue box")}] * 3)
     worker = SegmentWorker(config)
     worker.prepare_group(jobs, {job.id: config for job in jobs})
-    summaries = [worker.run(job, config, Reporter(io.StringIO())) for job in jobs]
+    summaries = [worker.run(job, config, Reporter(io.StringIO())).result() for job in jobs]
     assert [s["objects"] for s in summaries] == [1, 1, 1]
     kinds = ["review" if len(r["images"]) == 2 else "propose" for r in server.requests()]
     assert kinds == ["propose"] * 3 + ["review"] * 3  # all three proposals were asked before any review

@@ -15,8 +15,8 @@ state dir (``sources.sqlite``), the way git's index and DVC's state database avo
   function of the bytes alone, stored once per content (and per :data:`FACTS_VERSION`).
 
 A rerun over unchanged files therefore reads no file at all, and a changed file costs one read + hash. When the
-state dir cannot be written (read-only, full), the index works from memory for this process and says nothing:
-it is a cache. Thread-safe; several driver processes may share one store (SQLite's own locking).
+state dir cannot be written (read-only, full) the index works from memory for this process, and a store that
+cannot be read (damaged, or locked on a network filesystem) counts as a miss: it is a cache, never an error. Thread-safe; several driver processes may share one store (SQLite's own locking).
 """
 
 from __future__ import annotations
@@ -117,9 +117,7 @@ class SourceIndex:
     # ------------------------------------------------------------------ the two tables
 
     def _cached_sha(self, key: str, st: os.stat_result) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, sha256, hashed_ns FROM stat WHERE path = ?",
-                                   (key,)).fetchone()
+        row = self._read("SELECT dev, ino, size, mtime_ns, ctime_ns, sha256, hashed_ns FROM stat WHERE path = ?", (key,))
         if row is None:
             return None
         dev, ino, size, mtime_ns, ctime_ns, sha, hashed_ns = row
@@ -132,8 +130,7 @@ class SourceIndex:
                     (key, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha, hashed_ns))
 
     def _cached_facts(self, sha: str, max_pixels: int) -> ImageFacts | None:
-        with self._lock:
-            row = self._db.execute("SELECT facts FROM facts WHERE sha256 = ? AND version = ?", (sha, FACTS_VERSION)).fetchone()
+        row = self._read("SELECT facts FROM facts WHERE sha256 = ? AND version = ?", (sha, FACTS_VERSION))
         if row is None:
             return None
         facts = ImageFacts.model_validate(json.loads(row[0]))
@@ -141,6 +138,13 @@ class SourceIndex:
 
     def _remember_facts(self, sha: str, facts: ImageFacts) -> None:
         self._write("INSERT OR REPLACE INTO facts VALUES (?, ?, ?)", (sha, FACTS_VERSION, facts.model_dump_json()))
+
+    def _read(self, sql: str, args: tuple) -> tuple | None:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchone()
+            except sqlite3.Error:
+                return None  # a damaged or locked store (e.g. on a network filesystem) is a miss, never an error
 
     def _write(self, sql: str, args: tuple) -> None:
         with self._lock:

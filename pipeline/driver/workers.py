@@ -233,7 +233,8 @@ class WorkerProcess:
                 else:
                     out.error = self._failure(str(event.get("message")), hint=event.get("hint"), log=by_id[jid].log)
                 pending.remove(jid)
-                current, job_deadline = None, None
+                if current is not None and current.id == jid:  # a job may end after the next one started
+                    current, job_deadline = None, None
         return [outcomes[j.id] for j in jobs]
 
     # ------------------------------------------------------------------ events

@@ -15,6 +15,12 @@ stdout:
     {"event": "done", "job": "j1", "result": {...}, "timings": {"total_s": 3.2}}
     {"event": "error", "job": "j1" | null, "message": "...", "hint": "...", "kind": "BackendError"}
 
+A job's ``run`` may return a :class:`concurrent.futures.Future` of its result instead of the result: its last
+step (e.g. compressing mask PNGs and writing the manifest) then finishes on a thread while the next job of the
+group already runs, and its ``done`` (or ``error``) event is written when that future completes, so a job's
+``started`` may come before the previous job's ``done``. A group's line is answered in full (every job done or
+failed) before the next line is read.
+
 Everything else the worker or its libraries print (Python or C level) goes to stderr: at start the worker
 moves the real stdout to a private descriptor and points descriptor 1 at stderr. While a job that names a
 ``log`` file runs, descriptors 1 and 2 are pointed at that file (``<run>/logs/<stage>.log``), so each run
@@ -37,6 +43,7 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Literal, Protocol
@@ -83,11 +90,14 @@ class Reporter:
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
+        self._lock = threading.Lock()  # jobs finishing on threads emit too: one whole line at a time
 
     def emit(self, event: str, job: str | None = None, **fields: Any) -> None:
         """Write one event and flush it."""
-        self._stream.write(json.dumps({"event": event, "job": job, **fields}, default=str) + "\n")
-        self._stream.flush()
+        line = json.dumps({"event": event, "job": job, **fields}, default=str) + "\n"
+        with self._lock:
+            self._stream.write(line)
+            self._stream.flush()
 
     def progress(self, job: str, done: int, total: int, message: str = "") -> None:
         """Report ``done`` of ``total`` units of a job."""
@@ -102,8 +112,8 @@ class StageWorker(Protocol):
     ``load_timings()`` (seconds per start-up step, e.g. graph capture), sent with the ``ready`` event.
     """
 
-    def run(self, job: Job, config: PipelineConfig, reporter: Reporter) -> dict[str, Any]:
-        """Do one job, write its outputs, return a JSON-serialisable summary."""
+    def run(self, job: Job, config: PipelineConfig, reporter: Reporter) -> dict[str, Any] | Future[dict[str, Any]]:
+        """Do one job, write its outputs, return a JSON-serialisable summary (or a future of it, see above)."""
 
 
 def _take_event_channel() -> IO[str]:
@@ -225,6 +235,7 @@ def _serve_group(worker: StageWorker, group: list[Job], default: PipelineConfig,
             prepare([j for j in group if j.id in configs], configs)
         except Exception:  # noqa: BLE001 - preparing is an optimisation: each job then does its own work
             traceback.print_exc()
+    finishing: list[Future[dict[str, Any]]] = []
     for job in group:
         if job.id in failed:
             continue
@@ -236,10 +247,33 @@ def _serve_group(worker: StageWorker, group: list[Job], default: PipelineConfig,
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - one failed job must not hide the others
-            with _output_to(job.log):
-                traceback.print_exc()
-            reporter.emit("error", job.id, **_error_fields(exc))
-            failed.add(job.id)
+            _report_failure(job, exc, reporter, failed)
             continue
-        reporter.emit("done", job.id, result=result, timings={"total_s": round(time.perf_counter() - t_job, 3)})
+        if isinstance(result, Future):
+            result.add_done_callback(lambda fut, job=job, t_job=t_job: _report_end(job, fut, t_job, reporter, failed))
+            finishing.append(result)
+        else:
+            reporter.emit("done", job.id, result=result, timings={"total_s": round(time.perf_counter() - t_job, 3)})
+    wait(finishing)
     return not failed
+
+
+def _report_end(job: Job, fut: Future[dict[str, Any]], t_job: float, reporter: Reporter, failed: set[str]) -> None:
+    """The ``done`` or ``error`` event of a job whose result came as a future (called when it completes)."""
+    exc = fut.exception()
+    if exc is not None:
+        _report_failure(job, exc, reporter, failed)
+        return
+    reporter.emit("done", job.id, result=fut.result(), timings={"total_s": round(time.perf_counter() - t_job, 3)})
+
+
+def _report_failure(job: Job, exc: BaseException, reporter: Reporter, failed: set[str]) -> None:
+    """Append the traceback to the job's own log (not fd 2: another job may own it by now); emit its error."""
+    if job.log is None:
+        traceback.print_exception(exc, file=sys.stderr)
+    else:
+        sys.stderr.flush()
+        with open(job.log, "a", encoding="utf-8") as log:
+            traceback.print_exception(exc, file=log)
+    reporter.emit("error", job.id, **_error_fields(exc))
+    failed.add(job.id)

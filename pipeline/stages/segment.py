@@ -148,6 +148,7 @@ class SegmentWorker:
         self._ahead: dict[str, Proposal] = {}
         self._decoders = ThreadPoolExecutor(max_workers=DECODERS, thread_name_prefix="decode")
         self._decoded: dict[str, Future[tuple[Image.Image, InputManifest]]] = {}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mask-writer")
 
     def load_timings(self) -> dict[str, float]:
         """The backend's start-up seconds (e.g. ``build_s``, ``graph_capture_s``)."""
@@ -180,8 +181,8 @@ class SegmentWorker:
         ahead = self._decoded.pop(job.id, None)
         return ahead.result() if ahead is not None else read_input(Path(job.run_dir))
 
-    def run(self, job: Job, config: PipelineConfig, reporter: Reporter) -> dict[str, Any]:
-        """Segment one run's input image; returns ``{"objects": N, "timings": {...}}``.
+    def run(self, job: Job, config: PipelineConfig, reporter: Reporter) -> Future[dict[str, Any]]:
+        """Segment one run's input image; returns (a future of) ``{"objects": N, "timings": {...}}``.
 
         Request-level keys (threshold, min_area_px, dedup_iou, max_objects, the agent and VLM sampling
         settings) come from ``config``, the run's own; the model is the one this worker was built with.
@@ -204,6 +205,7 @@ class SegmentWorker:
             t0 = time.perf_counter()
             detections = self.segmenter.predict(prompts)
             timings["predict_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
             candidates = select_objects(
                 detections,
                 threshold=seg.threshold,
@@ -211,6 +213,7 @@ class SegmentWorker:
                 dedup_iou=seg.dedup_iou,
                 max_objects=seg.max_objects,
             )
+            timings["postprocess_s"] = time.perf_counter() - t0
             query = None
         else:
             from pipeline.stages.agent.loop import run_agent  # the agent needs openai: only imported in query mode
@@ -231,20 +234,18 @@ class SegmentWorker:
             timings["agent_s"] = time.perf_counter() - t0
             replace_dir(staging, run_dir / AGENT_DIR)
             candidates, reason, prompts = outcome.candidates, outcome.reason, outcome.phrases
-        manifest = write_masks(
-            run_dir,
-            candidates,
-            fingerprint=job.fingerprint,
-            mode=mode,
-            backend=seg.backend,
-            query=query,
-            prompts=prompts,
-            reason=reason,
-            image=stored,
-            preview=image,
-        )
-        reporter.progress(job.id, 1, 1, f"{len(manifest.objects)} object(s)")
-        return {"objects": len(manifest.objects), "reason": manifest.reason, "timings": timings}
+
+        def finish() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            manifest = write_masks(run_dir, candidates, fingerprint=job.fingerprint, mode=mode, backend=seg.backend,
+                                   query=query, prompts=prompts, reason=reason, image=stored, preview=image)
+            timings["write_s"] = time.perf_counter() - t0
+            reporter.progress(job.id, 1, 1, f"{len(manifest.objects)} object(s)")
+            return {"objects": len(manifest.objects), "reason": manifest.reason, "timings": timings}
+
+        # PNG compression and the manifest finish on the writer thread while the next job of the group already
+        # runs on the model (see pipeline.stages.protocol: its done event comes when they are written)
+        return self._writer.submit(finish)
 
 
 if __name__ == "__main__":
