@@ -66,6 +66,25 @@ def test_budget_rejects_an_invisible_gpu_and_ignores_cpu_stages() -> None:
     check_gpu_budget(cpu, with_vlm=False, gpu_totals={0: 1.0})
 
 
+def test_a_one_shot_engine_asks_for_gpu_sizes_only_when_a_worker_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.driver.budget as budget
+
+    calls: list[int] = []
+    monkeypatch.setattr(budget, "gpu_totals_gib", lambda: calls.append(1) or {0: 16.0})  # too small for SAM 3D
+    config = _gpu_config(f"engine.state_dir={tmp_path / 'state'}", "envs.sam3.kind=current",
+                         "envs.sam3d-objects.kind=current")
+    with Engine(config, single_run=True):  # a rerun whose stages are all up to date starts no worker
+        pass
+    assert calls == []
+    with Engine(config, single_run=True) as engine:
+        handle = engine.submit(RunRequest(run_dir=tmp_path / "run", image=draw_scene(tmp_path / "a.png"), prompts=("red",)))
+        with pytest.raises(ConfigError, match="GPU 0 has 16 GiB"):
+            handle.wait(60)
+    assert calls == [1]
+    with pytest.raises(ConfigError, match="GPU 0 has 16 GiB"):  # a warm engine refuses at its start
+        Engine(config).start()
+
+
 # ---------------------------------------------------------------------------- worker reuse
 
 

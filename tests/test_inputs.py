@@ -284,3 +284,11 @@ def test_outputs_equal_those_of_the_old_reencoded_input(tmp_path: Path, kind: st
     assert (masks.width, masks.height) == ((80, 120) if kind == "jpeg-rotated" else (120, 80))
     with Image.open(tmp_path / "new" / masks.preview) as preview:
         assert preview.size == (masks.width, masks.height)  # small photos are not upscaled
+
+
+def test_the_preview_of_a_12_megapixel_photo_fits_in_1600_pixels(tmp_path: Path) -> None:
+    from pipeline.stages.segment import write_preview
+
+    write_preview(tmp_path / "p.jpg", _scene((4032, 3024)))
+    with Image.open(tmp_path / "p.jpg") as preview:
+        assert preview.format == "JPEG" and max(preview.size) <= 1600 and preview.size == (1344, 1008)

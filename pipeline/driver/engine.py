@@ -282,6 +282,7 @@ class _Lane:
                 log_path=self.start_error.log_path, tail=self.start_error.tail,
                 hint=self.start_error.hint or "fix the cause shown in the log, then restart the engine",
             )
+        self.engine.check_budget()
         section = config.stage(self.stage)
         env = resolve_env(config, section.env)
         state_dir = self.engine.state_dir
@@ -354,6 +355,7 @@ class Engine:
         self._vlm_url: str | None = None
         self._vlm_lock = threading.Lock()
         self._started = False
+        self._budget_checked = False
         self.stale: list[str] = []
         self.sources = SourceIndex(self.state_dir)
         self._checkers = ThreadPoolExecutor(max_workers=_PHOTO_CHECKERS, thread_name_prefix="photo-check")
@@ -368,17 +370,26 @@ class Engine:
         self.close()
 
     def start(self) -> None:
-        """Check the GPU memory budget, stop children left by killed drivers, start the lanes."""
+        """Check the GPU memory budget (a one-shot engine: before its first worker), stop children left by killed
+        drivers, start the lanes."""
         if self._started:
             return
-        if self.config.engine.check_gpu_memory:
-            check_gpu_budget(self.config, with_vlm=False)
+        if not self.single_run:  # a one-shot engine checks before its first worker starts: a rerun may start none
+            self.check_budget()
         (self.state_dir / LOGS_DIR).mkdir(parents=True, exist_ok=True)
         guard = self._stack.enter_context(ChildGuard(self.state_dir))
         self.stale = guard.stale
         for lane in self._lanes.values():
             lane.thread.start()
         self._started = True
+
+    def check_budget(self) -> None:
+        """Check once that the stages sharing a GPU fit on it (``engine.check_gpu_memory``); ConfigError if not."""
+        with self._lock:
+            if self._budget_checked or not self.config.engine.check_gpu_memory:
+                return
+            check_gpu_budget(self.config, with_vlm=False)
+            self._budget_checked = True
 
     def stop(self) -> None:
         """Take no more runs; cancel queued ones; stop the workers of running ones (marked interrupted)."""

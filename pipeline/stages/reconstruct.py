@@ -68,13 +68,15 @@ class ReconstructWorker:
         masks_manifest_path = run_dir / MASKS_DIR / MANIFEST_NAME
         masks = load_manifest(masks_manifest_path, MaskManifest)
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        decoded, _ = read_input(run_dir)
-        image = np.asarray(decoded)
-        timings["read_image_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        context = self.reconstructor.prepare(image)
-        timings["prepare_s"] = time.perf_counter() - t0
+        context = None
+        if masks.objects:  # no object: nothing to decode or prepare, only the empty manifest to write
+            t0 = time.perf_counter()
+            decoded, _ = read_input(run_dir)
+            image = np.asarray(decoded)
+            timings["read_image_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            context = self.reconstructor.prepare(image)
+            timings["prepare_s"] = time.perf_counter() - t0
         objects_staging = fresh_dir(run_dir / f"{OBJECTS_DIR}.partial")
         scene_staging = fresh_dir(run_dir / f"{SCENE_DIR}.partial")
         results: list[tuple[int, Any, ObjectReconstruction]] = []
@@ -93,9 +95,10 @@ class ReconstructWorker:
             results.append((i, masks.objects[i], rec))
             reporter.progress(job.id, len(results), total, f"object {i + 1}/{total}: {masks.objects[i].label}")
 
-        self.reconstructor.reconstruct_many(
-            context, object_masks, [cfg.seed + i for i in range(total)], on_done=finished
-        )
+        if context is not None:
+            self.reconstructor.reconstruct_many(
+                context, object_masks, [cfg.seed + i for i in range(total)], on_done=finished
+            )
         results.sort(key=lambda r: r[0])
         for i, _, rec in results:
             notes.extend(f"object {i:03d}: {n}" for n in rec.notes)

@@ -129,9 +129,12 @@ def write_masks(
 
 
 def write_preview(path: Path, image: Image.Image) -> Path:
-    """Write ``image`` as a JPEG (quality 85) no larger than :data:`PREVIEW_MAX_SIDE` on its longer side."""
-    small = image.copy()
-    small.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    """Write ``image`` as a JPEG (quality 85) no larger than :data:`PREVIEW_MAX_SIDE` on its longer side.
+
+    The smallest integer box-filter reduction that fits (``Image.reduce``: a 12 MP photo → 1344×1008 in a few
+    ms, where a filtered resize of the full image costs ~100 ms); smaller images are written as they are."""
+    factor = -(-max(image.size) // PREVIEW_MAX_SIDE)  # ceil
+    small = image.reduce(factor) if factor > 1 else image
     return write_with(path, lambda tmp: small.save(tmp, format="JPEG", quality=85))
 
 
