@@ -245,6 +245,24 @@ def test_cancel_drops_a_queued_run_and_stops_a_running_one(tmp_path: Path, curre
     assert stopped["status"] == "failed" and stopped["reason"] == "interrupted"
 
 
+def test_the_next_group_is_opened_while_the_worker_computes_and_stays_queued(tmp_path: Path, current_config: PipelineConfig) -> None:
+    config = apply_overrides(current_config, ["engine.segment_group=1"])
+    with Engine(config) as engine:
+        busy = engine.submit(_request(tmp_path, "busy", "hang"))
+        nxt = engine.submit(_request(tmp_path, "next", "red"))
+        deadline = time.monotonic() + 30
+        while not (busy.stage == "segment" and (tmp_path / "runs/next/input/manifest.json").exists()):
+            assert time.monotonic() < deadline, "the next run was not opened while the first one computed"
+            time.sleep(0.05)
+        assert busy.state == "running" and nxt.state == "queued"  # opened ahead, not yet on the worker
+        assert nxt.cancel() and nxt.state == "cancelled"  # dropped at once: no worker had it
+        busy.cancel()
+        with pytest.raises(RunCancelled):
+            busy.wait(timeout=30)
+    stage = json.loads((tmp_path / "runs/next/run.json").read_text())["stages"]["segment"]
+    assert stage["status"] == "failed" and stage["reason"] == "cancelled before it started"
+
+
 def test_waiting_segment_runs_reach_the_backend_as_one_group(tmp_path: Path, current_config: PipelineConfig) -> None:
     log = tmp_path / "prefetch.log"
     config = apply_overrides(current_config, [

@@ -2,7 +2,9 @@
 
 Every way of running the tool goes through it: the one-shot CLI (an engine with one run), ``batch``, the
 Python API's ``with Pipeline...`` block and the web server. A run flows through two **lanes**, one per stage,
-each a thread with a queue and a warm :class:`~pipeline.driver.workers.WorkerProcess`::
+each a queue, a warm :class:`~pipeline.driver.workers.WorkerProcess` and two threads: one opens and plans the
+next group of runs (locks, stored inputs, decisions; photos were hashed and checked on submission, on a small
+pool) while the other runs the current group on the worker, so that preparation is off the GPU's path::
 
     submit ──▶ [segment lane] ──▶ [reconstruct lane] ──▶ done
                  image i+1          image i               (the lanes overlap)
@@ -19,6 +21,7 @@ its runs at once with the start error. Every child is registered with a
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 import uuid
@@ -81,6 +84,8 @@ class RunHandle:
         self.active: ActiveRun | None = None
         self.submitted = time.time()
         self.photo: Future[SourcePhoto] | None = None  # its photo, checked ahead on the engine's pool
+        self.claimed = False  # a lane has given it to its worker (before: queued, even once opened ahead)
+        self._ending = False
         self._engine = engine
         self._done = threading.Event()
         self._cancel = threading.Event()
@@ -130,7 +135,21 @@ class _Lane:
         self.state = "not started"
         self.start_failures = 0
         self.start_error: StageFailed | None = None
+        # one group prepared ahead: the next runs are opened and planned while the worker computes the current one
+        self.ready: queue.Queue[list[tuple[RunHandle, StageOutcome]] | None] = queue.Queue(maxsize=1)
         self.thread = threading.Thread(target=self._serve, name=f"lane-{stage}", daemon=True)
+        self.prep_thread = threading.Thread(target=self._prepare_ahead, name=f"lane-{stage}-prep", daemon=True)
+
+    def start(self) -> None:
+        """Start the lane's two threads."""
+        self.prep_thread.start()
+        self.thread.start()
+
+    def join(self, timeout_s: float) -> None:
+        """Wait for both threads (after the engine set ``closing``)."""
+        for thread in (self.prep_thread, self.thread):
+            if thread.is_alive():
+                thread.join(timeout_s)
 
     # ------------------------------------------------------------------ queue
 
@@ -165,21 +184,42 @@ class _Lane:
                 taken.append(self.queue.popleft())
             return taken
 
-    def _serve(self) -> None:
+    def _prepare_ahead(self) -> None:
+        """Prep thread: take waiting runs, open and plan them, forward those that skip, and hand the rest to the
+        serving thread as groups (it blocks while one group already waits, so it stays one group ahead)."""
         while True:
             handles = self._take()
             if not handles:
+                self.ready.put(None)
                 return
             try:
-                self._process(handles)
+                groups = self._prepare(handles)
             except BaseException as exc:  # noqa: BLE001 - a lane must never die silently with runs in it
-                for h in handles:
-                    if not h.done():
-                        self.engine._finish(h, error=_as_pipeline_error(exc, self.stage))
+                self._fail_all(handles, exc)
+                continue
+            for group in groups:
+                self.ready.put(group)
+
+    def _serve(self) -> None:
+        """Serving thread: run each prepared group on the lane's worker."""
+        while True:
+            group = self.ready.get()
+            if group is None:
+                return
+            try:
+                self._run_group(group)
+            except BaseException as exc:  # noqa: BLE001 - a lane must never die silently with runs in it
+                self._fail_all([h for h, _ in group], exc)
+
+    def _fail_all(self, handles: list[RunHandle], exc: BaseException) -> None:
+        for h in handles:
+            if not h.done():
+                self.engine._finish(h, error=_as_pipeline_error(exc, self.stage))
 
     # ------------------------------------------------------------------ one group of runs
 
-    def _process(self, handles: list[RunHandle]) -> None:
+    def _prepare(self, handles: list[RunHandle]) -> list[list[tuple[RunHandle, StageOutcome]]]:
+        """Open and plan ``handles``; the runs to compute, grouped by the worker (model) they need."""
         ready: list[tuple[RunHandle, StageOutcome]] = []
         for h in handles:
             if h.cancel_requested:
@@ -195,16 +235,23 @@ class _Lane:
             if outcome.decision.runs:
                 ready.append((h, outcome))
             else:
+                self.engine._mark_running(h)
                 h.active.skip(outcome)  # type: ignore[union-attr]
                 self.engine._emit(h, "stage_skipped", self.stage, message=f"skip ({outcome.decision.reason})")
                 self.engine._forward(h, self.stage)
         by_key: dict[str, list[tuple[RunHandle, StageOutcome]]] = {}
         for h, outcome in ready:
             by_key.setdefault(load_key(h.config, self.stage), []).append((h, outcome))
-        for group in by_key.values():
-            self._run_group(group)
+        return list(by_key.values())
 
     def _run_group(self, group: list[tuple[RunHandle, StageOutcome]]) -> None:
+        claimed = self.engine._claim([h for h, _ in group])
+        for h, _ in group:
+            if h not in claimed:  # cancelled while it waited, prepared
+                self.engine._finish(h, cancelled=True)
+        group = [(h, outcome) for h, outcome in group if h in claimed]
+        if not group:
+            return
         config = group[0][0].config
         try:
             params = self.engine._stage_params(self.stage, [h for h, _ in group])
@@ -380,7 +427,7 @@ class Engine:
         guard = self._stack.enter_context(ChildGuard(self.state_dir))
         self.stale = guard.stale
         for lane in self._lanes.values():
-            lane.thread.start()
+            lane.start()
         self._started = True
 
     def check_budget(self) -> None:
@@ -410,8 +457,7 @@ class Engine:
         for lane in self._lanes.values():
             with lane.cond:
                 lane.cond.notify_all()
-            if lane.thread.is_alive():
-                lane.thread.join(_JOIN_S)
+            lane.join(_JOIN_S)
         for lane in self._lanes.values():
             lane.close_worker()
         for h in list(self._handles.values()):  # runs a lane could not finish in time
@@ -486,8 +532,7 @@ class Engine:
     # ------------------------------------------------------------------ used by the lanes
 
     def _start_run(self, h: RunHandle) -> None:
-        h.state = "running"
-        self._emit(h, "started")
+        """Open the run (lock, stored input, record); it stays queued until a lane claims it or skips a stage."""
         runner = Runner(h.config, say=lambda msg: self._emit(h, "note", message=msg), photos=self._photos_for(h))
         h.active = runner.open(h.request)
 
@@ -544,13 +589,41 @@ class Engine:
             self._finish(h)
 
     def _drop_if_queued(self, h: RunHandle) -> None:
+        """Finish a cancelled run at once unless a worker has it: waiting in a lane's queue, or opened ahead."""
         if any(lane.remove(h) for lane in self._lanes.values()):
             self._finish(h, cancelled=True)
+            return
+        with self._lock:
+            prepared = h.state == "queued" and h.active is not None and not h.claimed
+        if prepared:
+            self._finish(h, cancelled=True)
+
+    def _claim(self, handles: list[RunHandle]) -> list[RunHandle]:
+        """The runs a lane may now give its worker (those not ended or cancelled meanwhile); they are running."""
+        with self._lock:
+            claimed = [h for h in handles if not h._ending and not h.cancel_requested]
+            for h in claimed:
+                h.claimed = True
+        for h in claimed:
+            self._mark_running(h)
+        return claimed
+
+    def _mark_running(self, h: RunHandle) -> None:
+        """A queued run starts: its state and the ``started`` event."""
+        with self._lock:
+            if h.state != "queued":
+                return
+            h.state = "running"
+        self._emit(h, "started")
 
     def _finish(self, h: RunHandle, *, error: PipelineError | None = None, cancelled: bool = False) -> None:
-        if h.done():
-            return
+        with self._lock:  # exactly once, whoever gets here first (a lane, a cancel, the engine's close)
+            if h._ending:
+                return
+            h._ending = True
         if h.active is not None:
+            if cancelled:  # stages planned but never begun (a begun one records its own end)
+                h.active.drop_planned("cancelled before it started")
             h.outcome = h.active.result()
             h.active.close()
         else:

@@ -395,6 +395,16 @@ class ActiveRun:
         )
         self._save()
 
+    def drop_planned(self, reason: str) -> None:
+        """Record the stages that were planned to run but never began (their run was cancelled while it
+        waited, opened ahead) as failed with ``reason``, so ``run.json`` ends in a final state."""
+        for outcome in self.outcomes:
+            stage = outcome.decision.stage
+            if outcome.decision.runs and stage not in self._t0:
+                self.record.stages[stage] = self.record.stages.get(stage, StageRecord()).model_copy(
+                    update={"status": "failed", "reason": reason, "ended": now_iso(), "duration_s": None})
+        self._save()
+
     def result(self) -> RunOutcome:
         """Every stage's outcome so far."""
         return RunOutcome(self.run_dir, list(self.outcomes))

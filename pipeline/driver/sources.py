@@ -101,6 +101,8 @@ class SourceIndex:
             try:
                 Path(state_dir).mkdir(parents=True, exist_ok=True)
                 db = sqlite3.connect(str(Path(state_dir) / STORE_NAME), timeout=10, check_same_thread=False)
+                # a cache: an entry lost to a crash or power cut is only hashed again, so no fsync per commit
+                db.execute("PRAGMA synchronous=OFF")
                 db.executescript(_SCHEMA)
                 return db
             except (OSError, sqlite3.Error):
