@@ -111,6 +111,8 @@ def spawn(
     child guard unless ``guarded`` is False."""
     if isinstance(argv, str):
         raise TypeError("argv must be a list of arguments, not a string")
+    if guarded and _guards:
+        _guards[-1].ready()  # its guardian runs before the child exists: no window where a kill leaves it behind
     proc = subprocess.Popen(
         [str(a) for a in argv],
         env=dict(env),

@@ -2,8 +2,9 @@
 
 Three layers, from fastest to last resort:
 
-1. **A guardian process** (``python -m pipeline.driver.reaper``, stdlib only), started in its own session while
-   a :class:`ChildGuard` is active. The driver tells it on a pipe which process groups it started; when the pipe
+1. **A guardian process** (``python -m pipeline.driver.reaper``, stdlib only), started in its own session by an
+   active :class:`ChildGuard` just before it registers its first child (a driver that starts no child, such as a
+   rerun whose stages are all up to date, starts no guardian and waits for none). The driver tells it on a pipe which process groups it started; when the pipe
    reaches end of file — the driver exited, was killed with SIGKILL, or crashed — the guardian sends SIGTERM to
    every group still registered, waits :data:`GRACE_S`, then SIGKILL. This is what stops a managed vLLM server
    (whose code we do not control) within a second of the driver's death.
@@ -93,12 +94,25 @@ class ChildGuard:
         self.stale: list[str] = []
 
     def __enter__(self) -> "ChildGuard":
-        import subprocess
-
         from pipeline.driver import proc
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.stale = stop_stale_children(self.state_dir)
+        self._write_record()
+        proc.push_guard(self)
+        return self
+
+    def ready(self) -> None:
+        """Start the guardian process unless it runs (called before each guarded child is started)."""
+        with self._lock:
+            if self._guardian is None:
+                self._start_guardian()
+
+    def _start_guardian(self) -> None:
+        import subprocess
+
+        from pipeline.driver import proc
+
         self._guardian = proc.spawn(
             [sys.executable, "-m", "pipeline.driver.reaper"],
             env=os.environ,
@@ -110,9 +124,6 @@ class ChildGuard:
             guarded=False,
         )
         self._pipe = self._guardian.stdin
-        self._write_record()
-        proc.push_guard(self)
-        return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
@@ -138,6 +149,7 @@ class ChildGuard:
 
     def watch(self, pid: int, what: str) -> None:
         """Register the process group led by ``pid`` (a child started with its own session)."""
+        self.ready()
         with self._lock:
             self._children[pid] = {"pid": pid, "start": process_start_time(pid), "what": what}
             self._send(f"add {pid}")
