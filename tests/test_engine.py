@@ -263,6 +263,19 @@ def test_the_next_group_is_opened_while_the_worker_computes_and_stays_queued(tmp
     assert stage["status"] == "failed" and stage["reason"] == "cancelled before it started"
 
 
+def test_the_next_stage_worker_loads_while_the_first_stage_computes(tmp_path: Path, current_config: PipelineConfig) -> None:
+    with Engine(current_config, single_run=True) as engine:
+        run = engine.submit(_request(tmp_path, "both", "hang", stages=("segment", "reconstruct")))
+        deadline = time.monotonic() + 30
+        while engine.health()["stages"]["reconstruct"]["pid"] is None or run.stage != "segment":
+            assert time.monotonic() < deadline, "the reconstruct worker did not start while segment computed"
+            time.sleep(0.05)
+        assert engine.health()["stages"]["reconstruct"]["state"] == "idle"  # loaded, waiting for the run
+        run.cancel()
+        with pytest.raises(RunCancelled):
+            run.wait(timeout=30)
+
+
 def test_waiting_segment_runs_reach_the_backend_as_one_group(tmp_path: Path, current_config: PipelineConfig) -> None:
     log = tmp_path / "prefetch.log"
     config = apply_overrides(current_config, [

@@ -40,7 +40,7 @@ from pipeline.driver.reaper import ChildGuard
 from pipeline.driver.runner import ActiveRun, RunOutcome, RunRequest, Runner, StageOutcome, validate_request
 from pipeline.driver.sources import SourceIndex, SourcePhoto
 from pipeline.driver.workers import JobOutcome, WorkerProcess, load_key
-from pipeline.errors import PipelineError, RunCancelled, StageFailed, UsageError
+from pipeline.errors import ConfigError, PipelineError, RunCancelled, StageFailed, UsageError
 from pipeline.handoff import LOGS_DIR
 from pipeline.stages.protocol import SINGLE_RUN_VARIABLE, Job
 
@@ -122,6 +122,13 @@ class RunHandle:
         return True
 
 
+@dataclass(frozen=True)
+class _WarmUp:
+    """A request to a lane's serving thread: start the worker for ``config`` before a run needs it."""
+
+    config: PipelineConfig
+
+
 class _Lane:
     """One stage: a queue of runs, a thread that serves it, and the stage's warm worker."""
 
@@ -136,7 +143,7 @@ class _Lane:
         self.start_failures = 0
         self.start_error: StageFailed | None = None
         # one group prepared ahead: the next runs are opened and planned while the worker computes the current one
-        self.ready: queue.Queue[list[tuple[RunHandle, StageOutcome]] | None] = queue.Queue(maxsize=1)
+        self.ready: queue.Queue[list[tuple[RunHandle, StageOutcome]] | _WarmUp | None] = queue.Queue(maxsize=1)
         self.thread = threading.Thread(target=self._serve, name=f"lane-{stage}", daemon=True)
         self.prep_thread = threading.Thread(target=self._prepare_ahead, name=f"lane-{stage}-prep", daemon=True)
 
@@ -201,11 +208,17 @@ class _Lane:
                 self.ready.put(group)
 
     def _serve(self) -> None:
-        """Serving thread: run each prepared group on the lane's worker."""
+        """Serving thread: run each prepared group on the lane's worker (or start the worker ahead)."""
         while True:
             group = self.ready.get()
             if group is None:
                 return
+            if isinstance(group, _WarmUp):
+                try:
+                    self._worker_for(group.config)
+                except PipelineError:
+                    pass  # counted in start_failures; the run that needs the worker meets the error itself
+                continue
             try:
                 self._run_group(group)
             except BaseException as exc:  # noqa: BLE001 - a lane must never die silently with runs in it
@@ -234,6 +247,7 @@ class _Lane:
                 continue
             if outcome.decision.runs:
                 ready.append((h, outcome))
+                self.engine._warm_next(h, self.stage)
             else:
                 self.engine._mark_running(h)
                 h.active.skip(outcome)  # type: ignore[union-attr]
@@ -315,6 +329,17 @@ class _Lane:
         self.engine._finish(h, error=None if cancelled else result.error, cancelled=cancelled)
 
     # ------------------------------------------------------------------ the warm worker
+
+    def warm_up(self, config: PipelineConfig) -> None:
+        """Have the serving thread start the lane's worker for ``config`` now, when it is idle and has none, so a
+        run reaching this lane later finds its model loaded. (The serving thread, not a short-lived one, must
+        start it: a worker's parent-death signal follows the thread that started it.)"""
+        if (self.worker is not None and self.worker.alive()) or self.engine.closing:
+            return
+        try:
+            self.ready.put_nowait(_WarmUp(config))
+        except queue.Full:
+            pass  # a group waits: the lane is about to start its worker anyway
 
     def _worker_for(self, config: PipelineConfig) -> WorkerProcess:
         """The lane's worker for ``config``'s model: reused while alive and built from the same key."""
@@ -403,6 +428,7 @@ class Engine:
         self._vlm_lock = threading.Lock()
         self._started = False
         self._budget_checked = False
+        self._budget_error: ConfigError | None = None
         self.stale: list[str] = []
         self.sources = SourceIndex(self.state_dir)
         self._checkers = ThreadPoolExecutor(max_workers=_PHOTO_CHECKERS, thread_name_prefix="photo-check")
@@ -434,9 +460,15 @@ class Engine:
         """Check once that the stages sharing a GPU fit on it (``engine.check_gpu_memory``); ConfigError if not."""
         with self._lock:
             if self._budget_checked or not self.config.engine.check_gpu_memory:
+                if self._budget_error is not None:
+                    raise self._budget_error
                 return
-            check_gpu_budget(self.config, with_vlm=False)
             self._budget_checked = True
+            try:
+                check_gpu_budget(self.config, with_vlm=False)
+            except ConfigError as exc:
+                self._budget_error = exc  # every later start meets the same answer without asking again
+                raise
 
     def stop(self) -> None:
         """Take no more runs; cancel queued ones; stop the workers of running ones (marked interrupted)."""
@@ -577,6 +609,13 @@ class Engine:
                 data = fh.read()
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(header.encode() + data)
+
+    def _warm_next(self, h: RunHandle, stage: str) -> None:
+        """A run's ``stage`` will compute: start the worker of its next stage meanwhile (the two models load in
+        parallel; a one-shot `run` then waits for the slower load, not for both one after the other)."""
+        later = [s for s in STAGE_NAMES[STAGE_NAMES.index(stage) + 1 :] if s in h.request.stages]
+        if later:
+            self._lanes[later[0]].warm_up(h.config)
 
     def _forward(self, h: RunHandle, stage: str) -> None:
         """Hand a run to the lane of its next requested stage, or finish it."""

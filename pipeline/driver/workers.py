@@ -77,6 +77,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen | None = None
         self.load_s: float | None = None
         self.load_timings: dict[str, float] = {}  # the worker's start-up steps (ready event's "timings")
+        self.start_s: float | None = None  # spawn → ready, measured by the driver
         self.jobs_done = 0
         self._log: IO[bytes] | None = None
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -108,6 +109,7 @@ class WorkerProcess:
         self._log = open(self.log_path, "ab")
         self._log.write(("$ " + " ".join(self.argv) + "\n").encode())
         self._log.flush()
+        t0 = time.perf_counter()
         self.proc = spawn(
             self.argv,
             env=self.env.child_env(self.variables),
@@ -125,15 +127,20 @@ class WorkerProcess:
                 ready = self._next_event(deadline=None, log=None)
             self.load_s = ready.get("load_s")
             self.load_timings = dict(ready.get("timings") or {})
+            self.start_s = round(time.perf_counter() - t0, 3)  # spawn → ready: interpreter, imports and load_s
         except BaseException:
             self.close(graceful=False)
             raise
 
     def load_report(self) -> dict[str, float]:
-        """``load_s`` and the worker's start-up steps as ``load_<step>`` (e.g. ``load_graph_capture_s``)."""
+        """``load_s`` (the worker's own build time), the worker's start-up steps as ``load_<step>`` (e.g.
+        ``load_graph_capture_s``) and ``start_s`` (spawn → ready as the driver saw it: interpreter start, imports
+        and the build)."""
         report = {f"load_{k}": v for k, v in self.load_timings.items() if isinstance(v, (int, float))}
         if self.load_s is not None:
             report["load_s"] = self.load_s
+        if self.start_s is not None:
+            report["start_s"] = self.start_s
         return report
 
     def close(self, *, graceful: bool = True) -> None:
