@@ -427,6 +427,7 @@ class Engine:
         self._vlm_url: str | None = None
         self._vlm_lock = threading.Lock()
         self._started = False
+        self._budget_lock = threading.Lock()  # its own: nvidia-smi must not hold up the runs' bookkeeping
         self._budget_checked = False
         self._budget_error: ConfigError | None = None
         self.stale: list[str] = []
@@ -458,7 +459,7 @@ class Engine:
 
     def check_budget(self) -> None:
         """Check once that the stages sharing a GPU fit on it (``engine.check_gpu_memory``); ConfigError if not."""
-        with self._lock:
+        with self._budget_lock:
             if self._budget_checked or not self.config.engine.check_gpu_memory:
                 if self._budget_error is not None:
                     raise self._budget_error
