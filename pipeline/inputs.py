@@ -23,9 +23,9 @@ from pipeline.handoff import (
     InputManifest,
     load_manifest,
 )
-from pipeline.images import NORMALISATION, ImageFacts, decode_image, probe_image
+from pipeline.images import NORMALISATION, decode_image, probe_image
 
-__all__ = ["INPUT_MANIFEST", "SOURCE_STEM", "image_identity", "load_input", "read_input", "read_input_bytes"]
+__all__ = ["INPUT_MANIFEST", "SOURCE_STEM", "image_identity", "load_input", "read_input"]
 
 INPUT_MANIFEST = f"{INPUT_DIR}/{MANIFEST_NAME}"
 SOURCE_STEM = "source"  # input/source.<ext>
@@ -58,7 +58,7 @@ def load_input(run_dir: Path) -> InputManifest:
                      hint="pass --image, or point --run at a directory made by `python -m pipeline segment` or `run`")
 
 
-def read_input_bytes(run_dir: Path, manifest: InputManifest) -> bytes:
+def _read_checked(run_dir: Path, manifest: InputManifest) -> bytes:
     """The stored photo's bytes, checked against the manifest's sha256 (InputError when they differ)."""
     path = Path(run_dir) / manifest.file.path
     try:
@@ -74,15 +74,10 @@ def read_input_bytes(run_dir: Path, manifest: InputManifest) -> bytes:
 def read_input(run_dir: Path, manifest: InputManifest | None = None) -> tuple[Image.Image, InputManifest]:
     """Decode the run's input once: its displayed image ((H, W) RGB, EXIF orientation applied) and manifest."""
     manifest = manifest or load_input(run_dir)
-    data = read_input_bytes(run_dir, manifest)
+    data = _read_checked(run_dir, manifest)
     image = decode_image(data, name=manifest.file.path)
     if image.size != (manifest.width, manifest.height):
         raise ManifestError(Path(run_dir) / INPUT_MANIFEST,
                             f"says {manifest.width}×{manifest.height} but the photo decodes to {image.width}×{image.height}",
                             hint="rerun with --force segment")
     return image, manifest
-
-
-def facts_of(manifest: InputManifest) -> ImageFacts:
-    """The manifest's header facts as :class:`~pipeline.images.ImageFacts`."""
-    return ImageFacts.model_validate(manifest.facts)

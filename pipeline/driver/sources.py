@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -165,13 +166,11 @@ class SourceIndex:
         """
         path = Path(path).expanduser()
         key = str(path.resolve())
-        data, st = None, None
         try:
             st = path.stat()
         except OSError:
-            read_source(path)  # raises the right one-line error
-        assert st is not None
-        sha = self._cached_sha(key, st) if path.is_file() else None
+            st = None  # read_source below says what is wrong with it
+        sha = self._cached_sha(key, st) if st is not None and stat.S_ISREG(st.st_mode) else None
         facts = self._cached_facts(sha, max_pixels) if sha else None
         if sha is None or facts is None:
             hashed_ns = time.time_ns()

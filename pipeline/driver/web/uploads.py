@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from pipeline.images import ImageFacts, ImageRejected, probe_image
+from pipeline.images import STORED_FORMATS, ImageFacts, ImageRejected, probe_image
 
 __all__ = ["ALLOWED_FORMATS", "UploadRejected", "ImageInfo", "inspect_upload"]
 
-#: Pillow format name → file extension used for the stored upload.
-ALLOWED_FORMATS: dict[str, str] = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
+#: Pillow format name → file extension used for the stored upload: the formats every stage reads as they are.
+ALLOWED_FORMATS: dict[str, str] = STORED_FORMATS
 _STATUS = {"empty": 422, "not_image": 415, "too_large": 413, "corrupt": 422}
 _HINTS = {"empty": "choose a JPEG, PNG, WebP, BMP or TIFF file", "not_image": "upload a JPEG, PNG, WebP, BMP or TIFF image",
           "too_large": "downscale the image and upload it again",
