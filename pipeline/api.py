@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from pipeline.config import STAGE_NAMES, PipelineConfig, load_config
 from pipeline.driver.engine import Engine
-from pipeline.driver.runner import RunOutcome, RunRequest, validate_request
+from pipeline.driver.runner import RunOutcome, RunRequest, split_phrases, validate_request
 from pipeline.errors import PipelineError
 from pipeline.handoff import MANIFEST_NAME, MASKS_DIR, OBJECTS_DIR, SCENE_DIR, MaskManifest, ObjectsManifest, load_manifest
 
@@ -87,7 +87,7 @@ class Pipeline:
         force: Sequence[str] = (),
     ) -> RunRequest:
         """The run request for one image (raises UsageError on a contradictory or empty query/prompt)."""
-        prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt or ())
+        prompts = split_phrases(prompt)
         run_dir = Path(out) if out else default_run_dir(self.config, Path(image), run_key(query, prompts))
         req = RunRequest(run_dir=run_dir, stages=tuple(stages), image=Path(image), query=query,
                          prompts=prompts, force=frozenset(force))

@@ -292,3 +292,21 @@ def test_the_preview_of_a_12_megapixel_photo_fits_in_1600_pixels(tmp_path: Path)
     write_preview(tmp_path / "p.jpg", _scene((4032, 3024)))
     with Image.open(tmp_path / "p.jpg") as preview:
         assert preview.format == "JPEG" and max(preview.size) <= 1600 and preview.size == (1344, 1008)
+
+
+def test_every_entry_point_splits_phrases_the_same_way(tmp_path: Path) -> None:
+    from pipeline.api import Pipeline
+    from pipeline.driver.batch import read_items
+    from pipeline.driver.runner import split_phrases
+
+    assert split_phrases("horse, rider") == split_phrases(["horse", " rider "]) == ("horse", "rider")
+    photo = tmp_path / "p.png"
+    photo.write_bytes(_png(_scene()))
+    api = Pipeline(PipelineConfig.model_validate({"run": {"out_root": str(tmp_path / "out")}}))
+    assert api.request(photo, prompt="horse, rider").prompts == ("horse", "rider")
+    (tmp_path / "l.jsonl").write_text('{"image": "p.png", "prompt": "horse, rider"}\n')
+    (item,) = read_items(list_file=tmp_path / "l.jsonl", out_root=tmp_path / "out")
+    assert item.prompts == ("horse", "rider")
+    # the same request names the same default run directory from the API and from a folder batch
+    (folder_item,) = read_items(images=[str(photo)], prompts=["horse, rider"], out_root=tmp_path / "out")
+    assert api.request(photo, prompt="horse, rider").run_dir == folder_item.run_dir

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 from pipeline.atomic import write_json_atomic
 from pipeline.config import STAGE_NAMES, PipelineConfig, apply_overrides
 from pipeline.driver.engine import Engine, RunHandle
-from pipeline.driver.runner import RunRequest, Runner
+from pipeline.driver.runner import RunRequest, Runner, split_phrases
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_STAGE_FAILED, PipelineError, UsageError
 from pipeline.handoff import MANIFEST_NAME, MASKS_DIR, OBJECTS_DIR, MaskManifest, ObjectsManifest, load_manifest, now_iso
 
@@ -87,11 +87,6 @@ class ItemResult:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _split_prompts(value: str | Sequence[str]) -> tuple[str, ...]:
-    values = [value] if isinstance(value, str) else list(value)
-    return tuple(p.strip() for v in values for p in str(v).split(",") if p.strip())
-
-
 def _expand(pattern: str) -> list[Path]:
     """A folder (its images, sorted), a glob (its matches that are images) or one file."""
     path = Path(pattern)
@@ -141,7 +136,7 @@ def _item_from_row(row: dict[str, Any], source: str, base: Path, out_root: Path,
     if not image_path.is_absolute():
         image_path = base / image_path
     line_query = row.get("query") or None
-    line_prompts = _split_prompts(row["prompt"]) if row.get("prompt") else ()
+    line_prompts = split_phrases(row["prompt"]) if row.get("prompt") else ()
     if line_query is not None and line_prompts:
         raise ValueError("both 'query' and 'prompt'; give one")
     if line_query is None and not line_prompts:
@@ -182,7 +177,7 @@ def read_items(
 ) -> list[BatchItem]:
     """The batch's items, in order. Usage errors (no images, unreadable list) raise; bad lines become items
     with an ``error``."""
-    prompts = _split_prompts(prompts) if prompts else ()
+    prompts = split_phrases(prompts) if prompts else ()
     if bool(images) == (list_file is not None):
         raise UsageError("give either --images DIR|GLOB ... or --list FILE", hint="e.g. --images photos/ --prompt horse")
     items: list[BatchItem] = []

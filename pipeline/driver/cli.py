@@ -101,10 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- commands
 
 
-def _split_prompts(values: Sequence[str]) -> tuple[str, ...]:
-    return tuple(p.strip() for v in values for p in v.split(",") if p.strip()) if values else ()
-
-
 def default_run_dir(config: PipelineConfig, image: Path, key: str) -> Path:
     """See :func:`pipeline.api.default_run_dir`."""
     from pipeline.api import default_run_dir as _default
@@ -127,11 +123,11 @@ def _rerun_args(args: argparse.Namespace) -> tuple[frozenset[str], str | None]:
 
 
 def _cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from pipeline.driver.runner import RunRequest, validate_request
+    from pipeline.driver.runner import RunRequest, split_phrases, validate_request
 
     if args.query is None and not args.prompt:
         raise UsageError("give one of --query TEXT or --prompt TEXT", hint="e.g. --prompt horse, or --query 'the two horses on the left'")
-    prompts = _split_prompts(args.prompt)
+    prompts = split_phrases(args.prompt)
     force, from_stage = _rerun_args(args)
     run_dir = args.out or default_run_dir(config, args.image, run_key(args.query, prompts))
     req = RunRequest(run_dir=Path(run_dir), stages=args.stages, image=args.image, query=args.query,
@@ -191,12 +187,13 @@ def _add_batch_command(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _cmd_batch(args: argparse.Namespace, config: PipelineConfig) -> int:
     from pipeline.driver.batch import SUMMARY_NAME, read_items, run_batch
+    from pipeline.driver.runner import split_phrases
 
     force, from_stage = _rerun_args(args)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     check_stage_names(stages, "--stages")
     items = read_items(images=args.images or (), list_file=args.list_file, query=args.query,
-                       prompts=_split_prompts(args.prompt), out_root=args.out)
+                       prompts=split_phrases(args.prompt), out_root=args.out)
     summary = args.summary or args.out / SUMMARY_NAME
     ordered = tuple(s for s in STAGE_NAMES if s in stages)
     if args.executor == "slurm":

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from pipeline.atomic import write_json_atomic
 from pipeline.config import STAGE_NAMES, PipelineConfig
 from pipeline.driver.envs import resolve_env
-from pipeline.errors import InputError, ManifestError, PipelineError, UsageError
+from pipeline.errors import InputError, ManifestError, UsageError
 from pipeline.driver.fingerprint import code_version, fingerprint, section_params
 from pipeline.handoff import (
     LOGS_DIR,
@@ -44,7 +44,7 @@ from pipeline.driver.plan import Decision, RecordedOutputs, decide, stages_from
 from pipeline.stages.protocol import Job
 
 __all__ = ["RunRequest", "StageOutcome", "RunOutcome", "Runner", "ActiveRun", "CONFIG_NAME", "validate_request",
-           "PhotoSource"]
+           "PhotoSource", "split_phrases"]
 
 CONFIG_NAME = "config.json"
 Reporter = Callable[[str], None]
@@ -88,6 +88,13 @@ class RunOutcome:
 
     run_dir: Path
     stages: list[StageOutcome]
+
+
+def split_phrases(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Prompt phrases as every entry point reads them (``--prompt``, ``--list`` lines, the Python API, the web
+    form): each string split on commas, whitespace trimmed, empty pieces dropped. ``"horse, rider"`` → 2 phrases."""
+    values = [value] if isinstance(value, str) else list(value or ())
+    return tuple(p.strip() for v in values for p in str(v).split(",") if p.strip())
 
 
 def validate_request(req: RunRequest) -> None:

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import mimetypes
-import shutil
 import tempfile
 import zipfile
 from contextlib import asynccontextmanager
@@ -72,10 +71,6 @@ def _with_overrides(config: PipelineConfig, overrides: list[str]) -> PipelineCon
     return apply_overrides(config, overrides) if overrides else config
 
 
-def _split_prompts(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
 class JobService:
     """Creates jobs (upload checks, run directory, engine submission) and answers questions about them."""
 
@@ -90,7 +85,9 @@ class JobService:
                      options: dict[str, Any], source: str = "api") -> Job:
         """Validate and queue one job; raises HTTPException with a one-line error and a hint."""
         query = query.strip() if query is not None else None
-        prompts = _split_prompts(prompt) if prompt is not None else ()
+        from pipeline.driver.runner import split_phrases
+
+        prompts = split_phrases(prompt) if prompt is not None else ()
         if (query is None or not query) == (not prompts):
             raise _error(422, "give exactly one of 'query' or 'prompt'",
                          "prompt: noun phrases for the segmenter ('red cube, blue ball'); query: a sentence for the VLM agent")
