@@ -8,6 +8,7 @@ The resolved config is saved into every run (``run.json``) and is part of each s
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -328,6 +329,21 @@ def _origin_of(loc: Sequence[Any], origins: Mapping[str, str]) -> str:
     return "the defaults"
 
 
+def _known_keys(loc: Sequence[Any]) -> list[str]:
+    """The keys the config accepts at the dotted location ``loc`` (a section, or an env inside ``envs``)."""
+    model: Any = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:  # a free-form mapping (envs.<name>, options, variables)
+            model = EnvConfig if list(loc[:1]) == ["envs"] and len(loc) == 2 else None
+            continue
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
 def _config_error(exc: ValidationError, origins: Mapping[str, str]) -> ConfigError:
     first = exc.errors()[0]
     loc = list(first["loc"])
@@ -335,9 +351,14 @@ def _config_error(exc: ValidationError, origins: Mapping[str, str]) -> ConfigErr
     origin = _origin_of(loc, origins)
     if first["type"] == "extra_forbidden":
         message = f"unknown config key '{dotted}' in {origin}"
-        hint = "see the config reference in README.md for the valid keys"
+        near = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1, cutoff=0.6)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        hint = (f"did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near
+                else "see the config reference in README.md for the valid keys")
     else:
-        message = f"config key '{dotted}' in {origin}: {first['msg']} (got {first.get('input')!r})"
+        got = repr(first.get("input"))
+        got = got if len(got) <= 80 else got[:77] + "..."  # a huge value is named, not echoed
+        message = f"config key '{dotted}' in {origin}: {first['msg']} (got {got})"
         hint = "fix the value; README.md lists each key's type and default"
     more = len(exc.errors()) - 1
     if more:

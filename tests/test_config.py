@@ -53,3 +53,17 @@ def test_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
 
 def test_default_file_is_the_documented_one() -> None:
     assert DEFAULT_CONFIG.name == "default.yaml" and DEFAULT_CONFIG.exists()
+
+
+def test_a_mistyped_key_gets_the_nearest_known_one_and_a_huge_value_is_not_echoed() -> None:
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    for given, suggested in (("segment.threshhold=0.3", "segment.threshold"), ("envs.sam3.kidn=venv", "envs.sam3.kind"),
+                             ("segment.sam3.cuda_graph=false", "segment.sam3.cuda_graphs"), ("sgement.threshold=1", "segment")):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [given])
+        assert err.value.hint == f"did you mean '{suggested}'?", given
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["segment.threshold=" + "x" * 100_000])
+    assert len(err.value.message) < 300
