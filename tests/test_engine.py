@@ -27,7 +27,7 @@ from pipeline.driver.lock import run_lock
 from pipeline.driver.reaper import process_start_time, stop_stale_children
 from pipeline.driver.runner import RunOutcome, RunRequest
 from pipeline.driver.workers import load_key
-from pipeline.errors import ConfigError, RunCancelled, RunLocked, StageFailed, UsageError
+from pipeline.errors import ConfigError, PipelineError, RunCancelled, RunLocked, StageFailed, UsageError
 from tests.conftest import draw_scene, run_cli
 
 # ---------------------------------------------------------------------------- GPU memory budget
@@ -274,6 +274,21 @@ def test_the_next_stage_worker_loads_while_the_first_stage_computes(tmp_path: Pa
         run.cancel()
         with pytest.raises(RunCancelled):
             run.wait(timeout=30)
+
+
+def test_a_vlm_that_cannot_start_fails_only_the_query_runs(tmp_path: Path, current_config: PipelineConfig) -> None:
+    config = apply_overrides(current_config, ["envs.vllm.kind=venv", f"envs.vllm.prefix={tmp_path / 'no-such-env'}"])
+    with Engine(config) as engine:
+        query = engine.submit(RunRequest(run_dir=tmp_path / "runs/q", image=draw_scene(tmp_path / "q.png"),
+                                         query="the red box", stages=("segment",)))
+        prompt = engine.submit(_request(tmp_path, "p", "red"))
+        again = engine.submit(RunRequest(run_dir=tmp_path / "runs/q2", image=draw_scene(tmp_path / "q2.png"),
+                                         query="the blue disc", stages=("segment",)))
+        assert _objects(prompt.wait(timeout=60), "segment") == 2
+        for handle in (query, again):
+            with pytest.raises(PipelineError) as err:
+                handle.wait(timeout=60)
+            assert "no-such-env" in err.value.message or "no-such-env" in (err.value.hint or "")
 
 
 def test_waiting_segment_runs_reach_the_backend_as_one_group(tmp_path: Path, current_config: PipelineConfig) -> None:

@@ -267,13 +267,13 @@ class _Lane:
         if not group:
             return
         config = group[0][0].config
+        params, group = self._vlm_params(group)
+        if not group:
+            return
         try:
-            params = self.engine._stage_params(self.stage, [h for h, _ in group])
             worker = self._worker_for(config)
         except PipelineError as exc:
-            for h, outcome in group:
-                h.active.fail(outcome, exc.message)  # type: ignore[union-attr]
-                self.engine._finish(h, error=exc)
+            self._fail_group(group, exc)
             return
         jobs: list[Job] = []
         by_job: dict[str, tuple[RunHandle, StageOutcome]] = {}
@@ -307,6 +307,23 @@ class _Lane:
             self._record(h, outcome, result, load=worker.load_report() if fresh else None)
             fresh = False
         self.put_front(requeue)
+
+    def _vlm_params(self, group: list[tuple[RunHandle, StageOutcome]]) -> tuple[dict[str, Any], list[tuple[RunHandle, StageOutcome]]]:
+        """Extra job params (the VLM endpoint for query-mode segment runs; the server starts here) and the runs
+        that can go on: when the VLM cannot start, only the query-mode runs fail, with its error."""
+        queries = [(h, o) for h, o in group if self.stage == "segment" and h.request.mode == "query"]
+        if not queries:
+            return {}, group
+        try:
+            return {"vlm_url": self.engine._ensure_vlm(queries[0][0].config)}, group
+        except PipelineError as exc:
+            self._fail_group(queries, exc)
+            return {}, [(h, o) for h, o in group if h.request.mode != "query"]
+
+    def _fail_group(self, group: list[tuple[RunHandle, StageOutcome]], exc: PipelineError) -> None:
+        for h, outcome in group:
+            h.active.fail(outcome, exc.message)  # type: ignore[union-attr]
+            self.engine._finish(h, error=exc)
 
     def _record(
         self, h: RunHandle, outcome: StageOutcome, result: JobOutcome, *, load: dict[str, float] | None
@@ -426,6 +443,7 @@ class Engine:
         self._stack = ExitStack()
         self._vlm_url: str | None = None
         self._vlm_lock = threading.Lock()
+        self._vlm_error: PipelineError | None = None
         self._started = False
         self._budget_lock = threading.Lock()  # its own: nvidia-smi must not hold up the runs' bookkeeping
         self._budget_checked = False
@@ -577,20 +595,22 @@ class Engine:
             return self.sources.identify(path, max_pixels=h.config.run.max_pixels)
         return photo
 
-    def _stage_params(self, stage: str, handles: list[RunHandle]) -> dict[str, Any]:
-        """Extra job params: the VLM endpoint when a segment run is in query mode (the server starts here)."""
-        if stage == "segment" and any(h.request.mode == "query" for h in handles):
-            return {"vlm_url": self._ensure_vlm(handles[0].config)}
-        return {}
-
     def _ensure_vlm(self, config: PipelineConfig) -> str:
+        """The VLM endpoint, starting the managed server on first use; a start that failed is not retried by
+        this engine (a server start can take minutes): every later query-mode run fails with the same error."""
         with self._vlm_lock:
+            if self._vlm_error is not None:
+                raise self._vlm_error
             if self._vlm_url is None:
                 from pipeline.driver.vlm_server import vlm_service
 
-                if config.engine.check_gpu_memory and config.vlm.url is None:
-                    check_gpu_budget(config, with_vlm=True)
-                self._vlm_url = self._stack.enter_context(vlm_service(config, log_path=self._vlm_log))
+                try:
+                    if config.engine.check_gpu_memory and config.vlm.url is None:
+                        check_gpu_budget(config, with_vlm=True)
+                    self._vlm_url = self._stack.enter_context(vlm_service(config, log_path=self._vlm_log))
+                except PipelineError as exc:
+                    self._vlm_error = exc
+                    raise
             return self._vlm_url
 
     @property
