@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ManifestError
+from pipeline.errors import InputError, ManifestError
 from pipeline.handoff import (
     AGENT_DIR,
     MANIFEST_NAME,
@@ -140,7 +140,7 @@ def _input_view(job_id: str, run_dir: Path, masks: MaskManifest | None) -> dict[
     ≤ 1600 px, once the segment stage has run: what the page draws the masks over)."""
     try:
         stored = load_input(run_dir)
-    except Exception:  # noqa: BLE001 - no input yet (queued job) or an unreadable manifest: nothing to show
+    except (InputError, ManifestError):  # no input yet (a queued job) or an unreadable manifest: nothing to show
         stored = None
     preview = masks.preview if masks and masks.preview and (run_dir / masks.preview).is_file() else None
     return {
