@@ -15,8 +15,8 @@ from pipeline.errors import ConfigError
 __all__ = ["BUILTIN_BACKENDS", "resolve_backend", "backend_source", "load_backend_class"]
 
 BUILTIN_BACKENDS: dict[str, dict[str, str]] = {
-    "segment": {"sam3": "pipeline.backends.sam3:Sam3Segmenter", "demo": "pipeline.backends.demo:DemoBlobSegmenter"},
-    "reconstruct": {"sam3d": "pipeline.backends.sam3d:Sam3dReconstructor", "demo": "pipeline.backends.demo:DemoCubeReconstructor"},
+    "segment": {"sam3": "pipeline.backends.sam3:Sam3Segmenter", "demo": "pipeline.backends.demo:DemoSalientSegmenter"},
+    "reconstruct": {"sam3d": "pipeline.backends.sam3d:Sam3dReconstructor", "demo": "pipeline.backends.demo:DemoReliefReconstructor"},
 }
 
 
