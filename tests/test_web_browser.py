@@ -126,3 +126,43 @@ def test_page_upload_view_toggle_download(page_server: Server, tmp_path: Path) -
     assert splat_hidden_frac < splat_frac * 0.95, (splat_hidden_frac, splat_frac)
     names = zipfile.ZipFile(zpath).namelist()
     assert any(n.endswith("scene/scene.glb") for n in names) and any(n.endswith("objects/001/gaussians.ply") for n in names)
+
+
+def test_an_ordinary_photo_gives_splats_and_a_mesh_in_its_colours(page_server: Server) -> None:
+    """A shipped sample photo (a red cup on a saucer, JPEG) with a plain phrase: the demo finds an object and the
+    3D view shows it in the photo's colours, in splat mode and in mesh mode."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    photo = PROJECT_ROOT / "pipeline" / "samples" / "coffee.jpg"
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 768})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(page_server.url + "/")
+            page.set_input_files("#file", str(photo))
+            page.fill("#text", "cup")
+            page.click("#submit")
+            page.wait_for_selector("#job-state[data-state=succeeded]", timeout=120_000)
+            page.wait_for_selector("body[data-viewer=ready]", timeout=120_000)
+            assert page.locator("#objects li").count() >= 1
+            view = page.locator("#view")
+            page.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(r, 300))))")
+            splat_png = view.screenshot()
+            page.click("#mode-mesh")
+            page.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(r, 300))))")
+            mesh_png = view.screenshot()
+        finally:
+            browser.close()
+    (ARTIFACTS / "photo-splats.png").write_bytes(splat_png)
+    (ARTIFACTS / "photo-mesh.png").write_bytes(mesh_png)
+    assert not errors, errors
+    for name, png in (("splat", splat_png), ("mesh", mesh_png)):
+        frac, rgb = _drawn(png)
+        assert frac > 0.02, f"{name} mode drew {frac:.4f} of the canvas"
+        drawn = rgb[np.abs(rgb - np.array(BACKGROUND, dtype=np.int16)).max(axis=2) > 12]
+        r, g, b = drawn.mean(axis=0)
+        assert r > g + 15 and r > b + 15, f"{name} mode: the cup is red in the photo, the view's mean colour is {r:.0f},{g:.0f},{b:.0f}"

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Image + text → SAM3 masks → SAM 3D Objects Gaussians, meshes and a composed scene.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from pipeline.driver.demo import add_demo_command
+
+    add_demo_command(sub, common)
 
     run = sub.add_parser("run", parents=[common], help="segment then reconstruct (both stages)")
     _add_input_flags(run)

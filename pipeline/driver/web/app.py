@@ -95,7 +95,7 @@ class JobService:
             raise _error(422, f"query or prompt too long (at most {_MAX_TEXT} characters, {_MAX_PHRASES} phrases)")
         if query and self.settings.demo:
             raise _error(422, "query mode needs the VLM, which the demo server does not run",
-                         "use a prompt with colour words, e.g. 'red, blue' (the demo segmenter finds colour blobs)")
+                         "use a prompt: any phrase gets the photo's salient objects, colour words ('red, white') pick among them")
         try:
             info = await run_in_threadpool(inspect_upload, data, max_pixels=self.settings.max_pixels)
         except UploadRejected as exc:

@@ -1,6 +1,6 @@
 """``python -m pipeline serve``: the web app and REST API on one warm engine (uvicorn).
 
-``--demo`` swaps both stages to the built-in demo backends (colour blobs → cubes, see
+``--demo`` swaps both stages to the built-in demo backends (salient regions → coloured reliefs, see
 pipeline/backends/demo.py) in the driver's own interpreter, so the page can be tried on a laptop without a
 GPU, envs or weights; the page then says "demo backends, not the real models" wherever results show.
 """
@@ -33,7 +33,7 @@ def add_serve_command(sub: Any, common: argparse.ArgumentParser) -> None:
     serve = sub.add_parser("serve", parents=[common], help="web page + REST API on warm workers (FastAPI, uvicorn)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs a token)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--demo", action="store_true", help="demo backends (colour blobs → cubes) on CPU: no GPU, envs or weights")
+    serve.add_argument("--demo", action="store_true", help="demo backends (salient regions → coloured reliefs) on CPU: no GPU, envs or weights")
     serve.add_argument("--token", help="API bearer token (prefer $PIPELINE_WEB_TOKEN: a flag is visible in `ps`)")
     serve.add_argument("--jobs-dir", type=Path, help="where job run directories live (default <run.out_root>/web)")
     serve.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload in MB (default 50)")

@@ -9,6 +9,19 @@ import { SparkRenderer, SplatMesh } from "@sparkjsdev/spark";
 export const BACKGROUND = 0x20232a;
 const TO_THREE = { opengl: [1, 1, 1], opencv: [1, -1, -1], pytorch3d: [-1, 1, -1] }; // diagonal frame changes
 
+// Our meshes carry vertex colours and no material: glTF's default material is fully metallic, which renders
+// them nearly black without an environment map. Show them matte, with smooth normals when the file has none.
+function matte(node) {
+  if (!node.isMesh) return;
+  const geometry = node.geometry;
+  if (!geometry.attributes.normal) geometry.computeVertexNormals();
+  node.material.metalness = 0;
+  node.material.roughness = 0.9;
+  node.material.vertexColors = Boolean(geometry.attributes.color);
+  node.material.flatShading = false;
+  node.material.needsUpdate = true;
+}
+
 export class Viewer {
   constructor(canvas) {
     this.canvas = canvas;
@@ -86,6 +99,7 @@ export class Viewer {
     if (job.scene.scene_glb_url) {
       tasks.push(fetchBytes(job.scene.scene_glb_url).then((bytes) => new Promise((resolve, reject) => {
         new GLTFLoader().parse(bytes, "", (gltf) => {
+          gltf.scene.traverse(matte);
           this.meshes.add(gltf.scene);
           for (const obj of job.objects) {
             const entry = this.objects.get(obj.id);
