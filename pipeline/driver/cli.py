@@ -81,11 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     envs = sub.add_parser("envs", help="create or check the stage envs")
     envs_sub = envs.add_subparsers(dest="envs_command", required=True, metavar="ACTION")
-    create = envs_sub.add_parser("create", parents=[common], help="build envs from envs/*.yml (conda/mamba/micromamba, else venv + pip)")
+    create = envs_sub.add_parser(
+        "create", parents=[common],
+        help="build envs from envs/*.yml in resumable steps (conda/mamba/micromamba, else venv + pip)",
+        description="Build each env in named steps (create, pip, then those of envs/steps/<name>.yml); a rerun "
+        "resumes at the step that failed. --weights then fetches the gated SAM3 / SAM 3D Objects checkpoints.")
     create.add_argument("names", nargs="*", help="env names (default: all declared)")
-    create.add_argument("--recreate", action="store_true", help="delete and rebuild existing envs")
+    create.add_argument("--recreate", action="store_true", help="delete and rebuild existing envs (start over)")
+    create.add_argument("--any-python", action="store_true",
+                        help="build a venv with this Python when the spec's pinned pythonX.Y is not found (warns)")
+    create.add_argument("--weights", action="store_true",
+                        help="then fetch the gated checkpoints (facebook/sam3, facebook/sam-3d-objects) in the stage "
+                        "envs; needs HF_TOKEN or `<env>/bin/hf auth login`")
     create.set_defaults(handler=_cmd_envs_create)
-    check = envs_sub.add_parser("check", parents=[common], help="table per env: found, versions, GPU, weights")
+    check = envs_sub.add_parser("check", parents=[common],
+                                help="doctor: per env its state, Python, packages, GPU, weights, and the fix commands")
     check.add_argument("names", nargs="*", help="env names (default: all declared)")
     check.set_defaults(handler=_cmd_envs_check)
 
@@ -228,11 +238,11 @@ def _cmd_batch_status(args: argparse.Namespace, config: PipelineConfig) -> int:
 def _cmd_envs_create(args: argparse.Namespace, config: PipelineConfig) -> int:
     from pipeline.driver.envbuild import create_envs
 
-    return create_envs(config, args.names, recreate=args.recreate)
+    return create_envs(config, args.names, recreate=args.recreate, any_python=args.any_python, weights=args.weights)
 
 
 def _cmd_envs_check(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from pipeline.driver.envbuild import check_envs
+    from pipeline.driver.envdoctor import check_envs
 
     return check_envs(config, args.names)
 
@@ -240,16 +250,22 @@ def _cmd_envs_check(args: argparse.Namespace, config: PipelineConfig) -> int:
 # ---------------------------------------------------------------------------------------------- main
 
 
-def _report(exc: PipelineError) -> None:
+def _report(exc: PipelineError, *, debug: bool = False) -> None:
+    """The error as one line (plus its hint and, for a stage, its log's path). A stage's traceback stays in its
+    log; ``--debug`` prints the log's last lines too. A worker that died without a message gets its log's last
+    line, which usually names the cause (``Killed``, a segfault, an import error)."""
     err = sys.stderr
     print(f"error: {exc.message}", file=err)
     if isinstance(exc, StageFailed):
-        if exc.tail:
+        lines = [line for line in exc.tail.splitlines() if line.strip()]
+        if debug and lines:
             print("  last lines of the log:", file=err)
-            for line in exc.tail.splitlines():
+            for line in lines:
                 print(f"    {line}", file=err)
+        elif exc.returncode is not None and lines:
+            print(f"  last log line: {lines[-1].strip()}", file=err)
         if exc.log_path:
-            print(f"  full log: {exc.log_path}", file=err)
+            print(f"  full log: {exc.log_path}" + ("" if debug else " (--debug prints its last lines)"), file=err)
     if exc.hint:
         print(f"hint: {exc.hint}", file=err)
 
@@ -263,9 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
         return int(args.handler(args, config))
     except PipelineError as exc:
+        _report(exc, debug=debug)
         if debug:
             raise
-        _report(exc)
         return exc.exit_code
     except KeyboardInterrupt:
         if debug:

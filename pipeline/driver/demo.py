@@ -43,17 +43,16 @@ _TERMINAL = ("succeeded", "failed", "cancelled", "interrupted")
 
 @dataclass(frozen=True)
 class Sample:
-    """One photo to run, the prompt it is run with, and where it comes from (for the shipped ones)."""
+    """One photo to run and the prompt it is run with."""
 
     path: Path
     prompt: str
-    credit: str | None = None
 
 
 def read_samples() -> list[Sample]:
-    """The shipped sample photos, from ``pipeline/samples/samples.json``."""
+    """The shipped sample photos, from ``pipeline/samples/samples.json`` (credits and licences: its README)."""
     entries = json.loads((SAMPLES_DIR / "samples.json").read_text(encoding="utf-8"))
-    return [Sample(SAMPLES_DIR / e["file"], e["prompt"], f"{e['credit']} ({e['licence']})") for e in entries]
+    return [Sample(SAMPLES_DIR / e["file"], e["prompt"]) for e in entries]
 
 
 def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -64,7 +63,7 @@ def add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
     demo.add_argument("--prompt", help="phrase(s) for your photos (default 'object'; the demo segmenter finds salient "
                                        "objects and understands only colour words)")
     demo.add_argument("--jobs-dir", type=Path, help="where the runs go (default <run.out_root>/demo)")
-    demo.add_argument("--port", type=int, default=_DEFAULT_PORT, help="port of the page (default 8000; a free one if taken)")
+    demo.add_argument("--port", type=int, default=_DEFAULT_PORT, help="port of the page (default 8000; a free one if taken or 0)")
     keep = demo.add_mutually_exclusive_group()
     keep.add_argument("--serve", action="store_true", help="keep serving the page after the photos are done (default on a terminal)")
     keep.add_argument("--no-serve", action="store_true", help="stop the server once the photos are done (default otherwise)")
@@ -76,8 +75,8 @@ def cmd_demo(args: argparse.Namespace, config: PipelineConfig) -> int:
     samples = _samples_from(args.images, args.prompt)
     jobs_dir = (args.jobs_dir or Path(config.run.out_root) / "demo").resolve()
     _build_page_assets()
-    port = args.port if _port_free(args.port) else _free_port()
-    if port != args.port:
+    port = args.port if args.port and _port_free(args.port) else _free_port()
+    if args.port and port != args.port:
         print(f"port {args.port} is in use; the page goes on port {port}")
     server = _DemoServer(port, jobs_dir, list(getattr(args, "overrides", [])), getattr(args, "config", None))
     try:
