@@ -43,6 +43,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
 STAGE_NAMES: tuple[str, ...] = ("segment", "reconstruct")
 Frame = Literal["pytorch3d", "opencv", "opengl"]
+#: File formats the 3D stage (or ``python -m pipeline export``) can add beside gaussians.ply and mesh.glb.
+ExportFormat = Literal["obj", "stl", "usdz", "glb-textured"]
+EXPORT_FORMATS: tuple[str, ...] = ("obj", "stl", "usdz", "glb-textured")
 
 
 class _Section(BaseModel):
@@ -135,7 +138,17 @@ class ReconstructConfig(_Section):
     seed: int = 42  # object i gets seed + i
     frame: Frame = "opencv"  # frame of scene.ply / scene.glb
     preview: bool = True
+    exports: list[ExportFormat] = Field(default_factory=list)  # per object and for the scene, in the scene's frame
+    texture_size: int = Field(1024, ge=64, le=8192)  # texels per side of a baked texture (obj, usdz, glb-textured)
     sam3d: Sam3dConfig = Field(default_factory=Sam3dConfig)
+
+    @field_validator("exports", mode="before")
+    @classmethod
+    def _split_exports(cls, value: Any) -> Any:
+        """``"obj,stl"`` (a --set or --export value) → ``["obj", "stl"]``; duplicates dropped."""
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return list(dict.fromkeys(value)) if isinstance(value, list) else value
 
 
 class VLMConfig(_Section):

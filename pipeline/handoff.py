@@ -189,6 +189,16 @@ class ObjectRecord(_Model):
     files: list[FileRecord]
 
 
+class ExportRecord(_Model):
+    """One extra file format written for one object (``target`` = its id) or for the scene (``target`` =
+    ``"scene"``): the files, or the one-line reason it failed (the other objects and formats are unaffected)."""
+
+    format: str
+    target: int | Literal["scene"]
+    files: list[FileRecord] = Field(default_factory=list)
+    error: str | None = None
+
+
 class ObjectsManifest(_Model):
     """``objects/manifest.json``: the reconstruction stage's result, including the composed scene files."""
 
@@ -200,6 +210,7 @@ class ObjectsManifest(_Model):
     frame: str
     objects: list[ObjectRecord]
     scene: list[FileRecord]
+    exports: list[ExportRecord] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
     created: str = Field(default_factory=now_iso)
 

@@ -43,6 +43,7 @@ SHORTCUTS = {
     "max_objects": "segment.max_objects",
     "seed": "reconstruct.seed",
     "frame": "reconstruct.frame",
+    "export": "reconstruct.exports",
 }
 _LINE_KEYS = frozenset({"image", "query", "prompt", "out"})
 

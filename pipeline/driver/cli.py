@@ -37,6 +37,17 @@ def _add_rerun_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print for each stage 'run' or 'skip' and why; change nothing")
 
 
+def _add_export_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export", metavar="LIST", help="more file formats per object and for the scene: obj, stl, usdz, "
+                                                        "glb-textured (comma-separated; = --set reconstruct.exports=LIST)")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` values, then the shortcuts that stand for config keys (``--export``)."""
+    extra = [f"reconstruct.exports={args.export}"] if getattr(args, "export", None) is not None else []
+    return [*getattr(args, "overrides", []), *extra]
+
+
 def _add_input_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", type=Path, required=True, help="input image (JPEG, PNG, …)")
     group = parser.add_mutually_exclusive_group()
@@ -61,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="segment then reconstruct (both stages)")
     _add_input_flags(run)
     _add_rerun_flags(run)
+    _add_export_flag(run)
     run.set_defaults(handler=_cmd_run, stages=STAGE_NAMES)
 
     seg = sub.add_parser("segment", parents=[common], help="only the 2D stage (VLM agent or phrases → masks)")
@@ -75,9 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--image", type=Path, help="the image the masks were made from (with --masks)")
     rec.add_argument("--out", type=Path, help="run directory to create (with --masks)")
     _add_rerun_flags(rec)
+    _add_export_flag(rec)
     rec.set_defaults(handler=_cmd_reconstruct, stages=("reconstruct",))
 
     _add_batch_command(sub, common)
+    from pipeline.driver.exporting import add_export_command
+
+    add_export_command(sub, common)
 
     envs = sub.add_parser("envs", help="create or check the stage envs")
     envs_sub = envs.add_subparsers(dest="envs_command", required=True, metavar="ACTION")
@@ -190,6 +206,7 @@ def _add_batch_command(sub: Any, common: argparse.ArgumentParser) -> None:
                        help="local: this machine (default); slurm: shards as array jobs (options: --set slurm.*)")
     batch.add_argument("--slurm-task", action="store_true", help=argparse.SUPPRESS)  # a shard inside a SLURM task
     _add_rerun_flags(batch)
+    _add_export_flag(batch)
     batch.set_defaults(handler=_cmd_batch)
     status = sub.add_parser("batch-status", parents=[common], help="state of a SLURM batch per shard and image; --resume")
     status.add_argument("root", type=Path, metavar="ROOT", help="the batch root given to `batch --out`")
@@ -276,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
-        config = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
+        config = load_config(getattr(args, "config", None), _overrides(args))
         return int(args.handler(args, config))
     except PipelineError as exc:
         _report(exc, debug=debug)

@@ -19,8 +19,10 @@ from pipeline.backends import backend_source
 __all__ = ["EXCLUDED_KEYS", "canonical_json", "fingerprint", "code_version", "section_params"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # pipeline/
-# Keys of a stage's config section that only say *where* or *how visibly* to run, not *what* to compute.
-EXCLUDED_KEYS = frozenset({"env", "variables", "device", "preview"})
+# Keys of a stage's config section that only say *where* or *how visibly* to run, not *what* to compute. The 3D
+# stage's extra file formats are among them: a format added later is written from the finished objects (the 3D is
+# not computed again), see pipeline/stages/export_run.py.
+EXCLUDED_KEYS = frozenset({"env", "variables", "device", "preview", "exports", "texture_size"})
 
 _STAGE_SOURCES: dict[str, tuple[str, ...]] = {
     "segment": ("stages/segment.py", "stages/postprocess.py", "images.py", "inputs.py", "stages/agent/loop.py", "stages/agent/prompts.py", "stages/agent/client.py"),

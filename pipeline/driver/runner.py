@@ -348,8 +348,14 @@ class ActiveRun:
         return outcome
 
     def skip(self, outcome: StageOutcome) -> None:
-        """Record a stage that is up to date."""
+        """Record a stage that is up to date. For the 3D stage, first write the formats of
+        ``reconstruct.exports`` that its manifest lacks (from the finished objects: no 3D work)."""
         stage = outcome.decision.stage
+        config = self.req.config or self.runner.config
+        if stage == "reconstruct" and config.reconstruct.exports and not self.req.dry_run:
+            from pipeline.driver.exporting import add_missing_exports
+
+            add_missing_exports(self.run_dir, config, say=self.runner.say)
         self.record.stages[stage] = self.record.stages.get(stage, StageRecord()).model_copy(
             update={"status": "skipped", "reason": outcome.decision.reason}
         )

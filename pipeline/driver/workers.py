@@ -35,7 +35,7 @@ _POLL_S = 0.1
 # worker. Everything else in the section (backend, device, model knobs, options) is built into the worker.
 REQUEST_KEYS: dict[str, frozenset[str]] = {
     "segment": frozenset({"threshold", "min_area_px", "dedup_iou", "max_objects"}),
-    "reconstruct": frozenset({"seed", "frame", "preview"}),
+    "reconstruct": frozenset({"seed", "frame", "preview", "exports", "texture_size"}),
 }
 
 

@@ -4,8 +4,8 @@ Run by the driver as ``<sam3d env python> -u -m pipeline.stages.reconstruct --co
 (see :mod:`pipeline.stages.protocol`). Reads the run's input photo (``<run>/input/manifest.json``; decoded once,
 checked against its sha256) and ``<run>/masks/manifest.json``.
 Per-image work (the pointmap) is done once and shared by every object. Writes
-``<run>/objects/NNN/{gaussians.ply, mesh.glb, pose.json}``, ``<run>/scene/{scene.ply, scene.glb}`` and, last,
-``<run>/objects/manifest.json``. Object ``i`` uses seed ``reconstruct.seed + i``.
+``<run>/objects/NNN/{gaussians.ply, mesh.glb, pose.json}``, ``<run>/scene/{scene.ply, scene.glb}``, the formats
+of ``reconstruct.exports`` (:mod:`pipeline.stages.export_run`) and, last, ``<run>/objects/manifest.json``. Object ``i`` uses seed ``reconstruct.seed + i``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from pipeline.handoff import (
 )
 from pipeline.images import read_mask
 from pipeline.inputs import read_input
+from pipeline.stages.export_run import export_notes, export_run
 from pipeline.stages.protocol import Job, Reporter, worker_main
 
 __all__ = ["ReconstructWorker"]
@@ -132,6 +133,12 @@ class ReconstructWorker:
             scene=_records(run_dir, run_dir / SCENE_DIR),
             notes=notes,
         )
+        if cfg.exports and records:
+            t0 = time.perf_counter()
+            manifest = export_run(run_dir, manifest, cfg.exports, texture_size=cfg.texture_size)
+            timings["export_s"] = time.perf_counter() - t0
+            notes.extend(export_notes(manifest))
+            manifest = manifest.model_copy(update={"notes": notes})
         write_manifest(run_dir / OBJECTS_DIR / MANIFEST_NAME, manifest)
         reporter.progress(job.id, total, total, f"{total} object(s)")
         return {"objects": total, "notes": notes, "timings": timings}

@@ -33,7 +33,7 @@ from .health import gpu_memory
 from .jobs import TERMINAL, Job, JobStore, new_job_id
 from .security import BodyLimit, require_token
 from .uploads import UploadRejected, inspect_upload
-from .views import job_detail, job_summary, list_files
+from .views import export_files, job_detail, job_summary, list_files
 
 __all__ = ["WebSettings", "EngineFactory", "create_app", "STATIC_DIR"]
 
@@ -102,7 +102,8 @@ class JobService:
             raise _error(exc.status, exc.message, exc.hint) from None
         overrides = [f"{key}={value}" for key, value in (
             ("segment.threshold", options.get("threshold")), ("segment.max_objects", options.get("max_objects")),
-            ("reconstruct.seed", options.get("seed")), ("reconstruct.frame", options.get("frame"))) if value is not None]
+            ("reconstruct.seed", options.get("seed")), ("reconstruct.frame", options.get("frame")),
+            ("reconstruct.exports", options.get("export"))) if value is not None]
         try:
             config = _with_overrides(self.config, overrides)
         except PipelineError as exc:
@@ -170,13 +171,14 @@ def _safe_path(run_dir: Path, rel: str) -> Path:
     return resolved
 
 
-def _zip_run(run_dir: Path) -> Path:
+def _zip_run(run_dir: Path, files: list[str]) -> Path:
+    """A temporary zip of ``files`` (relative to ``run_dir``), under the run directory's name."""
     fd, name = tempfile.mkstemp(suffix=".zip", prefix="pipeline-job-")
     import os
 
     os.close(fd)
     with zipfile.ZipFile(name, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=4) as zf:
-        for rel in list_files(run_dir):
+        for rel in files:
             zf.write(run_dir / rel, f"{run_dir.name}/{rel}")
     return Path(name)
 
@@ -236,10 +238,13 @@ def create_app(config: PipelineConfig, settings: WebSettings, engine_factory: En
         max_objects: int | None = Form(None, ge=1, le=100, description="segment.max_objects"),
         seed: int | None = Form(None, ge=0, le=2**31 - 1, description="reconstruct.seed (object i gets seed + i)"),
         frame: Frame | None = Form(None, description="reconstruct.frame of the scene files"),
+        export: str | None = Form(None, max_length=100,
+                                  description="reconstruct.exports: more formats, comma-separated (obj, stl, usdz, glb-textured)"),
     ) -> JSONResponse:
         data = await image.read()
         job = await service.submit(data, client_name=image.filename, query=query, prompt=prompt,
-                                   options={"threshold": threshold, "max_objects": max_objects, "seed": seed, "frame": frame})
+                                   options={"threshold": threshold, "max_objects": max_objects, "seed": seed, "frame": frame,
+                                            "export": export or None})
         body = job_summary(job, queue_position=store.queue_position(job))
         return JSONResponse(body, status_code=202, headers={"Location": body["urls"]["self"]})
 
@@ -305,13 +310,22 @@ def create_app(config: PipelineConfig, settings: WebSettings, engine_factory: En
         return FileResponse(target, media_type=media or "application/octet-stream",
                             headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"})
 
-    @api.get("/jobs/{job_id}/zip", summary="The job's run directory as a zip", response_class=FileResponse)
-    async def job_zip(job_id: str) -> FileResponse:
+    @api.get("/jobs/{job_id}/zip", summary="The job's run directory as a zip, or only one export format's files",
+             response_class=FileResponse)
+    async def job_zip(job_id: str, format: str | None = None) -> FileResponse:  # noqa: A002 - the query parameter's name
         job = get_job(job_id)
         if not job.done:
             raise _error(409, f"job {job_id} is still {job.state}", "download the zip once the job has finished")
-        path = await run_in_threadpool(_zip_run, job.dir)
-        return FileResponse(path, media_type="application/zip", filename=f"{job_id}.zip",
+        if format is None:
+            files = await run_in_threadpool(list_files, job.dir)
+        else:
+            files = export_files(job.dir, format)
+            if not files:
+                raise _error(404, f"job {job_id} has no {format!r} files",
+                             f"submit it with export={format}, or run: python -m pipeline export RUN_DIR --formats {format}")
+        path = await run_in_threadpool(_zip_run, job.dir, files)
+        name = f"{job_id}-{format}.zip" if format else f"{job_id}.zip"
+        return FileResponse(path, media_type="application/zip", filename=name,
                             background=BackgroundTask(path.unlink, missing_ok=True))
 
     @api.get("/health", summary="Workers' states, envs, GPU memory, queue length")

@@ -121,6 +121,27 @@ def _transcript(run_dir: Path) -> dict[str, Any] | None:
     return {"query": data.get("query"), "rounds": rounds, "outcome": data.get("outcome")}
 
 
+def _exports(job: Job, objs: ObjectsManifest | None) -> list[dict[str, Any]]:
+    """Per export format: the scene's files, how many objects have it, the URL of its zip, and its errors."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in objs.exports if objs else []:
+        entry = out.setdefault(r.format, {"format": r.format, "scene_files": {}, "objects": 0, "errors": [],
+                                          "zip_url": f"/api/jobs/{job.id}/zip?format={r.format}"})
+        if r.error:
+            entry["errors"].append(f"{'scene' if r.target == 'scene' else f'object {r.target:03d}'}: {r.error}")
+        elif r.target == "scene":
+            entry["scene_files"] = {Path(f.path).name: file_url(job.id, f.path) for f in r.files}
+        else:
+            entry["objects"] += 1
+    return list(out.values())
+
+
+def export_files(run_dir: Path, fmt: str) -> list[str]:
+    """The run-relative paths of one export format's files (objects and scene), from the objects manifest."""
+    objs = _load(run_dir / OBJECTS_DIR / MANIFEST_NAME, ObjectsManifest)
+    return [f.path for r in (objs.exports if objs else []) if r.format == fmt and not r.error for f in r.files]
+
+
 def list_files(run_dir: Path) -> list[str]:
     """Regular files of the run directory (relative, ``/``-separated), hidden names and symlinks left out."""
     files = []
@@ -172,6 +193,7 @@ def job_detail(job: Job, *, queue_position: int | None = None, waiting: str | No
         segment_reason=masks.reason if masks else None,
         notes=list(dict.fromkeys(objs.notes)) if objs else [],
         scene=scene,
+        exports=_exports(job, objs),
         transcript=_transcript(run_dir),
         files=[file_url(job.id, rel) for rel in list_files(run_dir)] if job.done else [],
     )

@@ -76,6 +76,8 @@ $("submit-form").addEventListener("submit", async (e) => {
   const mode = document.querySelector("input[name=mode]:checked").value;
   form.append(mode, $("text").value);
   for (const key of ["threshold", "max_objects", "seed", "frame"]) if ($(key).value !== "") form.append(key, $(key).value);
+  const formats = [...document.querySelectorAll("#exports input:checked")].map((c) => c.value);
+  if (formats.length) form.append("export", formats.join(","));
   $("submit").disabled = true;
   try {
     const job = await (await api("/api/jobs", { method: "POST", body: form })).json();
@@ -307,11 +309,17 @@ function renderDownloads(job) {
   const items = [];
   if (job.scene.scene_glb_url) items.push(["scene.glb (meshes)", job.scene.scene_glb_url, "scene.glb"]);
   if (job.scene.scene_ply_url) items.push(["scene.ply (Gaussians)", job.scene.scene_ply_url, "scene.ply"]);
+  for (const ex of job.exports || []) {
+    for (const [name, url] of Object.entries(ex.scene_files)) if (!name.endsWith(".mtl") && !name.endsWith(".png")) items.push([`${name} (${ex.format})`, url, name]);
+    if (ex.objects || Object.keys(ex.scene_files).length) items.push([`${ex.format}: scene + ${ex.objects} object(s), zip`, ex.zip_url, `${job.id}-${ex.format}.zip`]);
+    for (const err of ex.errors) items.push([`${ex.format} failed: ${err}`, null, null]);
+  }
   for (const obj of job.objects) for (const [name, url] of Object.entries(obj.files || {})) items.push([`#${obj.id} ${obj.label}: ${name}`, url, `${obj.id}-${name}`]);
   for (const [label, url, name] of items) {
     const li = document.createElement("li");
+    if (url === null) { li.textContent = label; li.className = "error"; ul.append(li); continue; }
     const a = document.createElement("a");
-    a.href = "#"; a.textContent = label;
+    a.href = "#"; a.textContent = label; a.dataset.name = name;
     a.addEventListener("click", (e) => { e.preventDefault(); download(url, name); });
     li.append(a); ul.append(li);
   }
