@@ -49,7 +49,7 @@ def test_request_carries_schema_downscaled_clean_image_and_sampling(server):
     _ask(server, _config(max_tokens=1234, temperature=0.25))
     (req,) = server.requests()
     assert req["model"] == "test-model"
-    assert req["max_tokens"] == 1234 and req["temperature"] == 0.25
+    assert req["max_completion_tokens"] == 1234 and req["max_tokens"] is None and req["temperature"] == 0.25
     assert req["response_format"]["type"] == "json_schema"
     assert req["response_format"]["json_schema"]["schema"]["required"] == ["phrases", "reason"]
     assert req["images"] == [[64, 32]]  # 200×100 downscaled to a 64 px long side; decoded strictly
@@ -122,3 +122,18 @@ def test_encode_image_is_clean_base64_and_keeps_aspect():
     url, size = encode_image(Image.new("RGB", (3000, 1000)), 1280)
     assert size == (1280, 427)
     assert url.startswith("data:image/jpeg;base64,") and "\n" not in url and " " not in url
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b"not json", "JSON decode error"),
+    (b'{"model": "test-model"}', "Field required: messages"),
+    (b'{"model": "test-model", "messages": [{"content": "hi"}]}', "needs a role"),
+    (b'{"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}', "positive integer"),
+])
+def test_the_test_server_rejects_what_vllm_rejects(server, body, needle):
+    import httpx
+
+    res = httpx.post(server.url + "/chat/completions", content=body, headers={"Content-Type": "application/json"}, timeout=10)
+    assert res.status_code == 400
+    error = res.json()["error"]
+    assert needle in error["message"] and error["type"] == "BadRequestError" and error["code"] == 400

@@ -269,3 +269,56 @@ def test_docs_show_the_command_the_tool_runs():
 
     command = format_argv(vllm_argv(load_config(), executable=".envs/vllm/bin/vllm"))
     assert command in (PROJECT_ROOT / "docs" / "vlm.md").read_text()
+
+
+def test_a_port_that_is_only_bound_is_busy():
+    # vLLM binds its port (SO_REUSEADDR) before loading the model and listens only when ready: minutes in which
+    # the port looks free to a bind test that sets SO_REUSEADDR itself.
+    from pipeline.driver.vlm_server import _port_is_free
+
+    with socket.socket() as loading:
+        loading.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        loading.bind(("127.0.0.1", 0))
+        port = loading.getsockname()[1]
+        assert not _port_is_free("127.0.0.1", port)
+    assert _port_is_free("127.0.0.1", port)
+
+
+def test_connections_left_in_time_wait_do_not_make_a_port_busy():
+    from pipeline.driver.vlm_server import _port_is_free, _tcp_states
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        conn.close()  # the server side closes first: its end of the connection stays in TIME_WAIT
+        time.sleep(0.1)
+        client.close()
+    time.sleep(0.1)
+    if _tcp_states(port) != {"06"}:
+        pytest.skip(f"no TIME_WAIT entry for the port here (states {_tcp_states(port)})")
+    assert _port_is_free("127.0.0.1", port)
+
+
+def test_a_loading_test_server_holds_its_port_like_vllm(tmp_path):
+    # The double binds at start and listens after its startup delay, as vLLM does.
+    from pipeline.driver.vlm_server import _port_is_free
+
+    port = free_port()
+    log = tmp_path / "double.log"
+    with log.open("ab") as out:
+        proc = spawn([sys.executable, "-m", "tests.doubles.vllm_server", "--port", str(port), "--startup-delay", "30"],
+                     env=child_environment(pythonpath=[PROJECT_ROOT]), cwd=PROJECT_ROOT, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 20
+        while "loading weights" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "loading weights" in log.read_text(), log.read_text()
+        assert not _port_is_free("127.0.0.1", port), "a loading server's port must count as busy"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        stop_process_group(proc, grace_s=5)

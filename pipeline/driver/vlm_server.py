@@ -215,17 +215,44 @@ def probe(base: str, *, key: str | None = None, health: bool = True, timeout: fl
 
 
 def _port_is_free(host: str, port: int) -> bool:
-    """True when ``host:port`` can be bound (SO_REUSEADDR, as servers set it, so TIME_WAIT does not count)."""
+    """True when nothing holds ``host:port``: not a listening server, and not a socket that is only *bound* —
+    ``vllm serve`` binds its port first and listens only once the model is loaded, minutes later.
+
+    A plain bind (no SO_REUSEADDR) fails for both, but also for connections of a stopped server lingering in
+    TIME_WAIT, which do not stop a new server (vLLM sets SO_REUSEADDR). So when the plain bind fails, the port
+    counts as free only if the kernel lists TIME_WAIT entries for it and nothing else: a bound-only socket is
+    not listed in /proc/net/tcp at all, a listening one is listed as LISTEN.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                raise
+        else:
+            return True
+    states = _tcp_states(port)
+    return bool(states) and states <= {_TIME_WAIT}
+
+
+_TIME_WAIT = "06"
+
+
+def _tcp_states(port: int) -> set[str]:
+    """The states (hex, as in /proc/net/tcp) of the kernel's TCP entries whose local port is ``port``; empty
+    where /proc is not there."""
+    states: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[1].rsplit(":", 1)[-1] == f"{port:04X}":
+                states.add(fields[3])
+    return states
 
 
 # ------------------------------------------------------------------------------------------------ lifecycle

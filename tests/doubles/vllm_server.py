@@ -11,8 +11,8 @@ or like ``vllm``: ``python -m tests.doubles.vllm_server serve MODEL --served-mod
 ``VLLM_DOUBLE_STARTUP_DELAY``, ``VLLM_DOUBLE_CRASH=1``; ``VLLM_API_KEY`` makes it demand a bearer key, as
 vLLM does.
 
-Behaviour copied from vLLM on purpose: the socket refuses connections until startup is over (the delay
-happens before binding), a busy port makes it exit non-zero at once, data URLs are decoded strictly
+Behaviour copied from vLLM on purpose: the port is bound at once but listened on only after startup (the
+delay), so clients are refused meanwhile while the port is taken; a busy port makes it exit non-zero at once, data URLs are decoded strictly
 (``base64.b64decode(validate=True)``; a bad one is HTTP 400 "Non-base64 digit found"), an unknown model name
 is HTTP 404, and ``/health`` and ``/v1/models`` exist.
 
@@ -81,12 +81,35 @@ def _summarise_request(body: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": body.get("model"),
         "max_tokens": body.get("max_tokens"),
+        "max_completion_tokens": body.get("max_completion_tokens"),
         "temperature": body.get("temperature"),
         "response_format": body.get("response_format"),
         "roles": [m.get("role") for m in body.get("messages", [])],
         "texts": texts,
         "images": images,
     }
+
+
+_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+
+def _invalid(body: Any) -> str | None:
+    """What vLLM's ChatCompletionRequest would reject in ``body`` (the fields our agent sends), or None."""
+    if not isinstance(body, dict):
+        return "Input should be a valid dictionary or object to extract fields from"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "Field required: messages" if messages is None else "messages: Input should be a non-empty list"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in _ROLES:
+            return f"messages.{i}: a message needs a role among {', '.join(sorted(_ROLES))}"
+    for key in ("max_tokens", "max_completion_tokens"):
+        if key in body and body[key] is not None and (not isinstance(body[key], int) or body[key] < 1):
+            return f"{key}: Input should be a positive integer"
+    for key in ("temperature", "top_p"):
+        if key in body and not isinstance(body[key], (int, float)):
+            return f"{key}: Input should be a valid number"
+    return None
 
 
 def _completion(entry: dict[str, Any], model: str, prompt_tokens: int) -> dict[str, Any]:
@@ -160,7 +183,13 @@ def build_app(served_name: str, model: str, script: list[dict[str, Any]], api_ke
     async def chat(request: Request) -> Any:
         if not authorised(request):
             return _error(401, "Unauthorized", "Unauthorized")
-        body = await request.json()
+        try:
+            body = json.loads(await request.body())
+        except ValueError as exc:  # vLLM: a body its request model cannot parse is 400, not 404 or 422
+            return _error(400, f"JSON decode error: {exc}", "BadRequestError")
+        problem = _invalid(body)
+        if problem:
+            return _error(400, problem, "BadRequestError")
         if body.get("model") != served_name:
             return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
         try:
@@ -224,17 +253,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         time.sleep(0.2)
         print(CRASH_MESSAGE, file=sys.stderr, flush=True)
         return 1
+    # Like vLLM (create_server_socket before the engine starts): bind the port now, listen only after loading.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        print(f"ERROR: [Errno {exc.errno}] error while attempting to bind on address ({args.host!r}, {args.port}): "
+              f"{exc.strerror}", file=sys.stderr, flush=True)
+        return 1
     if args.startup_delay:
         print(f"loading weights (scripted delay {args.startup_delay} s)", flush=True)
-        time.sleep(args.startup_delay)  # nothing listens yet: clients get "connection refused"
+        time.sleep(args.startup_delay)  # bound but not listening: clients get "connection refused"
     script = json.loads(Path(args.script).read_text()) if args.script else []
     import uvicorn
 
     app = build_app(served, model, script, os.environ.get("VLLM_API_KEY") or None)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False)
+    config = uvicorn.Config(app, log_level="info", access_log=False)
     server = uvicorn.Server(config)
-    server.run()
-    # uvicorn returns after a bind failure ("address already in use") with started still False.
+    server.run(sockets=[sock])
     return 0 if server.started else 1
 
 

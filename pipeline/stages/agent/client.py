@@ -290,7 +290,7 @@ class VLMClient:
             response = self._client.chat.completions.create(
                 model=self.model,
                 messages=messages,  # type: ignore[arg-type]
-                max_tokens=self.config.max_tokens,
+                max_completion_tokens=self.config.max_tokens,  # vLLM ≥ 0.33: max_tokens is deprecated
                 temperature=self.config.temperature,
                 top_p=self.config.top_p,
                 response_format=json_schema_format(answer),  # type: ignore[arg-type]
