@@ -16,6 +16,7 @@ __all__ = [
     "InputError",
     "EnvNotFound",
     "EnvCreateFailed",
+    "WeightsFetchFailed",
     "RunLocked",
     "ManifestError",
     "StageFailed",
@@ -70,6 +71,10 @@ class EnvNotFound(PipelineError):
 
 class EnvCreateFailed(PipelineError):
     """Building an env from its spec failed."""
+
+
+class WeightsFetchFailed(PipelineError):
+    """Gated checkpoints could not be fetched: no Hugging Face token, a licence not accepted, no network."""
 
 
 class RunLocked(PipelineError):

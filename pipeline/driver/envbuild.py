@@ -1,228 +1,400 @@
-"""``python -m pipeline envs create|check``: build stage envs from their specs and report their health.
+"""``python -m pipeline envs create``: build stage envs from their specs, step by step, resumably.
 
-Specs are conda environment files under ``envs/`` (``vllm.yml``, ``sam3.yml``, ``sam3d-objects.yml``) whose
-Python dependencies sit under ``pip:``, so the same file also serves a plain venv. ``create`` uses
-micromamba, mamba or conda when one is on PATH (for ``kind: conda``), else ``python -m venv`` + pip (the
-conda-only entries, such as a CUDA toolkit, are then listed as skipped). A finished env carries a stamp
-(``<prefix>/.pipeline-env.json``) with the sha256 of its spec; a changed spec makes it *stale*.
+An env's build is a list of named steps (:func:`plan_steps`):
+
+1. ``create`` — the conda tool creates the prefix from the spec's conda part (micromamba, mamba or conda,
+   for ``kind: conda``), or ``pythonX.Y -m venv`` where there is no conda tool or the kind is ``venv``;
+2. ``pip`` — ``<prefix>/bin/python -m pip install`` of the spec's ``pip:`` list;
+3. … the extra steps declared in ``envs/steps/<name>.yml`` (see :mod:`pipeline.driver.envspec`), e.g.
+   ``compiled`` and ``sam3d_objects`` for ``sam3d-objects``.
+
+After each step the list of finished steps is written atomically to ``<prefix>/.pipeline-env-build.json``;
+a failed step leaves the earlier ones' results, and rerunning the command resumes at the failed step. A failed
+``create`` removes the prefix (nothing half-created is reused). The stamp ``<prefix>/.pipeline-env.json`` (the
+spec's hash, read by :func:`stamp_state`) is written only when every step succeeded; a changed spec (or
+steps file) makes the env *stale* and the next build starts over, as does ``--recreate``.
+
+Each step's child runs through :func:`~pipeline.driver.proc.run_command` (argument list, own process group,
+stopped on Ctrl-C) with its output in ``.envs/logs/<name>.log``; :mod:`pipeline.driver.envprogress` shows what
+it does meanwhile.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from pipeline.atomic import sha256_file, write_json_atomic
+from pipeline.atomic import write_bytes_atomic, write_json_atomic
 from pipeline.config import PROJECT_ROOT, PipelineConfig
-from pipeline.driver.envs import ENVS_ROOT, Env, resolve_env
-from pipeline.errors import ConfigError, EnvCreateFailed
-from pipeline.handoff import now_iso
+from pipeline.driver.envprogress import Counter, StepDisplay, make_display
+from pipeline.driver.envs import ENVS_ROOT, Env, pipeline_command, resolve_env
+from pipeline.driver.envspec import EnvSpec, read_spec
 from pipeline.driver.proc import capture_output, child_environment, run_command, tail_lines
+from pipeline.errors import EnvCreateFailed
+from pipeline.handoff import now_iso
 
-__all__ = ["EnvSpec", "read_spec", "create_envs", "check_envs", "stamp_state"]
+__all__ = [
+    "SPECS_DIR",
+    "BuildStep",
+    "BuildStatus",
+    "read_spec",
+    "spec_for",
+    "target_env",
+    "build_status",
+    "stamp_state",
+    "find_python",
+    "plan_steps",
+    "run_steps",
+    "create_envs",
+]
 
 SPECS_DIR = PROJECT_ROOT / "envs"
 CONDA_TOOLS = ("micromamba", "mamba", "conda")
-# Packages whose versions `envs check` reports, per env name.
-KEY_PACKAGES: dict[str, tuple[str, ...]] = {
-    "vllm": ("vllm", "torch", "transformers", "openai"),
-    "sam3": ("sam3", "torch", "torchvision", "open_clip_torch", "openai", "pydantic"),
-    "sam3d-objects": ("sam3d_objects", "torch", "pytorch3d", "gsplat", "spconv-cu121", "plyfile", "trimesh", "pydantic"),
-}
-PROBE = r"""
-import json, sys, importlib.metadata as md
-out = {"python": sys.version.split()[0], "packages": {}, "gpu": None}
-for name in sys.argv[1:]:
-    try: out["packages"][name] = md.version(name)
-    except md.PackageNotFoundError: out["packages"][name] = None
-try:
-    import torch
-    out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none visible"
-except Exception as exc:
-    out["gpu"] = f"torch unavailable ({type(exc).__name__})"
-print(json.dumps(out))
-"""
+STATE_VERSION = 1
+_PIP = ("-m", "pip", "install", "--disable-pip-version-check")
+_PROBE_PYTHON = "import sys; print('%d.%d' % sys.version_info[:2]); import ensurepip, venv; print('venv ok')"
 
 
 @dataclass(frozen=True)
-class EnvSpec:
-    """A parsed env file: conda-only entries, pip arguments, the Python it asks for, and its hash."""
+class BuildStep:
+    """One named command of an env's build: ``argv`` with ``variables`` set on top of the build environment.
 
-    path: Path
-    conda: tuple[str, ...]
-    pip: tuple[str, ...]
-    python: str | None
-    sha256: str
+    ``counter`` says which log lines count as progress; ``fresh_prefix`` steps (``create``) start from an
+    empty prefix and remove it when they fail.
+    """
+
+    name: str
+    argv: tuple[str, ...]
+    variables: Mapping[str, str] = field(default_factory=dict)
+    counter: Counter = "pip"
+    fresh_prefix: bool = False
 
 
-def read_spec(path: Path) -> EnvSpec:
-    """Parse a conda environment file; a missing or malformed one is a ConfigError."""
-    if not path.exists():
-        raise ConfigError(f"env spec not found: {path}", hint="set envs.<name>.spec to a file under envs/")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    deps = data.get("dependencies")
-    if not isinstance(deps, list):
-        raise ConfigError(f"env spec {path} has no 'dependencies' list")
-    conda: list[str] = []
-    pip: list[str] = []
-    python = None
-    for dep in deps:
-        if isinstance(dep, dict) and "pip" in dep:
-            for item in dep["pip"]:
-                pip.extend(str(item).split()) if str(item).startswith("-") else pip.append(str(item))
-        elif isinstance(dep, str):
-            if dep.split("=")[0].strip() == "python":
-                python = dep.partition("=")[2].lstrip("=") or None
-            elif dep.strip() != "pip":
-                conda.append(dep)
-    return EnvSpec(path, tuple(conda), tuple(pip), python, sha256_file(path))
+@dataclass(frozen=True)
+class BuildStatus:
+    """Where an env's build stands: ``state`` and, for a half-built env, the step a rerun starts at."""
+
+    state: Literal["missing", "no stamp", "stale", "incomplete", "up to date"]
+    resume_at: str | None = None
+    done: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``up to date``, ``stale (spec changed)``, ``incomplete (resumes at step X)``, ``no stamp``, ``missing``."""
+        if self.state == "stale":
+            return "stale (spec changed)"
+        if self.state == "incomplete":
+            return f"incomplete (resumes at step {self.resume_at})"
+        return self.state
+
+
+def spec_for(config: PipelineConfig, name: str) -> EnvSpec:
+    """The parsed spec of env ``name`` (``envs.<name>.spec``, a file under ``envs/`` or an absolute path)."""
+    cfg = config.env_for(name)
+    return read_spec(SPECS_DIR / (cfg.spec or f"{name}.yml"))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_state(env: Env) -> dict[str, Any] | None:
+    state = _read_json(env.build_state)
+    if state is None or state.get("schema_version") != STATE_VERSION or not isinstance(state.get("steps"), list):
+        return None
+    return state
+
+
+def build_status(env: Env, spec: EnvSpec | None) -> BuildStatus:
+    """Compare the env's stamp (or, while half-built, its build state) with ``spec``."""
+    if not env.exists():
+        return BuildStatus("missing")
+    if env.stamp.exists():
+        stamp = _read_json(env.stamp)
+        if stamp is None:
+            return BuildStatus("no stamp")
+        if spec is not None and stamp.get("spec_sha256") != spec.sha256:
+            return BuildStatus("stale")
+        return BuildStatus("up to date")
+    state = _read_state(env)
+    if state is None:
+        return BuildStatus("no stamp")
+    if spec is not None and state.get("spec_sha256") != spec.sha256:
+        return BuildStatus("stale")
+    done = tuple(state.get("done", {}))
+    pending = [s for s in state["steps"] if s not in done]
+    return BuildStatus("incomplete", pending[0] if pending else state["steps"][-1], done)
 
 
 def stamp_state(env: Env, spec: EnvSpec | None) -> str:
-    """``up to date``, ``stale (spec changed)``, ``no stamp`` (not built by us) or ``missing``."""
-    if not env.exists():
-        return "missing"
-    if not env.stamp.exists():
-        return "no stamp"
-    try:
-        recorded = json.loads(env.stamp.read_text()).get("spec_sha256")
-    except (OSError, json.JSONDecodeError):
-        return "no stamp"
-    if spec is not None and recorded != spec.sha256:
-        return "stale (spec changed)"
-    return "up to date"
+    """The label of :func:`build_status` (``up to date``, ``stale (spec changed)``, ``missing``, …)."""
+    return build_status(env, spec).label
 
 
-def _spec_for(config: PipelineConfig, name: str) -> EnvSpec:
-    cfg = config.env_for(name)
-    return read_spec(SPECS_DIR / (cfg.spec or f"{name}.yml"))
+# ---------------------------------------------------------------------------------------------- interpreters
+
+
+def _python_dirs() -> list[Path]:
+    return [Path(p) for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+
+
+def find_python(version: tuple[int, int]) -> tuple[Path | None, str]:
+    """An interpreter of ``version`` that can make venvs: the driver's own when it matches, else
+    ``pythonX.Y`` on PATH (every match is tried: a pyenv shim of an inactive version does not run), else
+    ``uv python find X.Y``. Returns ``(path, "")`` or ``(None, why the candidates were refused)``."""
+    if sys.version_info[:2] == version:
+        return Path(sys.executable), ""
+    wanted = f"{version[0]}.{version[1]}"
+    candidates = [d / f"python{wanted}" for d in _python_dirs() if (d / f"python{wanted}").is_file()]
+    uv = shutil.which("uv")
+    if uv:
+        rc, out = capture_output([uv, "python", "find", wanted], env=child_environment(), timeout_s=30)
+        if rc == 0 and out.strip():
+            candidates.append(Path(out.strip().splitlines()[-1]))
+    refused: list[str] = []
+    for candidate in dict.fromkeys(candidates):
+        rc, out = capture_output([str(candidate), "-c", _PROBE_PYTHON], env=child_environment(), timeout_s=30)
+        lines = out.split()
+        if lines[:1] == [wanted] and rc == 0:
+            return candidate, ""
+        refused.append(f"{candidate} " + ("lacks the venv module" if lines[:1] == [wanted] else "does not run"))
+    return None, "; ".join(refused)
+
+
+def _python_missing(name: str, env: Env, wanted: str, refused: str) -> EnvCreateFailed:
+    fixes = f"install python{wanted} (apt install python{wanted}-venv, pyenv, or uv python install {wanted})"
+    other = ("or install micromamba/conda so the env gets its own Python" if env.kind == "conda"
+             else f"or set envs.{name}.kind=conda (with micromamba/conda on PATH)")
+    seen = f" ({refused})" if refused else ""
+    return EnvCreateFailed(
+        f"env '{name}' needs Python {wanted} (its spec pins it) and no python{wanted} was found{seen}",
+        hint=f"{fixes}, {other}, or pass --any-python to build it with Python {sys.version.split()[0]} anyway",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- plan
 
 
 def _conda_tool() -> str | None:
     return next((shutil.which(t) for t in CONDA_TOOLS if shutil.which(t)), None)
 
 
-def _creation_argvs(env: Env, spec: EnvSpec, tool: str | None) -> list[list[str]]:
-    if env.kind == "conda" and tool is not None:
+def _conda_part(spec: EnvSpec, name: str) -> Path:
+    """The spec minus its ``pip:`` list (the ``pip`` step installs that), written beside the logs."""
+    path = ENVS_ROOT / "logs" / f"{name}.conda.yml"
+    text = f"# generated from {spec.path} by `envs create`: its conda part (the pip step installs the rest)\n"
+    write_bytes_atomic(path, (text + yaml.safe_dump(dict(spec.conda_file), sort_keys=False)).encode())
+    return path
+
+
+def plan_steps(env: Env, spec: EnvSpec, *, tool: str, python: Path | None = None,
+               conda_file: Path | None = None) -> list[BuildStep]:
+    """The build of ``env`` from ``spec`` as named steps.
+
+    ``tool`` is the conda tool's path or ``"venv"``; ``python`` makes the venv (default: the driver's);
+    ``conda_file`` is the spec's conda part (default: the spec itself).
+    """
+    prefix = str(env.prefix)
+    env_python = str(env.prefix / "bin" / "python")
+    if tool == "venv":
+        create = BuildStep("create", (str(python or sys.executable), "-m", "venv", prefix), counter="none", fresh_prefix=True)
+    else:
+        source = str(conda_file or spec.path)
         if Path(tool).name == "micromamba":
-            return [[tool, "create", "--yes", "--quiet", "--prefix", str(env.prefix), "--file", str(spec.path)]]
-        return [[tool, "env", "create", "--quiet", "--prefix", str(env.prefix), "--file", str(spec.path)]]
-    argvs = [[sys.executable, "-m", "venv", str(env.prefix)]]
+            argv = (tool, "create", "--yes", "--prefix", prefix, "--file", source)
+        else:
+            argv = (tool, "env", "create", "--prefix", prefix, "--file", source)
+        create = BuildStep("create", argv, counter="conda", fresh_prefix=True)
+    steps = [create]
     if spec.pip:
-        argvs.append([str(env.prefix / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", *spec.pip])
-    return argvs
+        steps.append(BuildStep("pip", (env_python, *_PIP, *spec.pip)))
+    for extra in spec.steps:
+        variables = {k: v.replace("{prefix}", prefix) for k, v in extra.conda_variables.items()} if tool != "venv" else {}
+        steps.append(BuildStep(extra.name, (env_python, *_PIP, *extra.pip), variables))
+    return steps
 
 
-def _create_one(config: PipelineConfig, name: str, *, recreate: bool, say: Any) -> None:
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _step_environment(env: Env, step: BuildStep) -> dict[str, str]:
+    if step.fresh_prefix:  # the create step runs outside the env
+        return child_environment()
+    marker = {"CONDA_PREFIX": str(env.prefix)} if env.kind == "conda" else {"VIRTUAL_ENV": str(env.prefix)}
+    return child_environment(bin_dir=env.prefix / "bin", set_vars={**marker, **step.variables})
+
+
+def _write_state(env: Env, state: dict[str, Any]) -> None:
+    env.prefix.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(env.build_state, state)
+
+
+def run_steps(env: Env, steps: Sequence[BuildStep], *, spec: EnvSpec, log: Path, display: StepDisplay,
+              record: Mapping[str, Any] | None = None) -> None:
+    """Run the steps of ``env`` not yet recorded as done, recording each; write the stamp after the last.
+
+    ``record`` adds fields to the state and the stamp (the tool, the interpreter). A step that exits non-zero
+    raises EnvCreateFailed naming it; the finished steps stay recorded, so the next call starts there.
+    """
+    names = [s.name for s in steps]
+    state = _read_state(env)
+    if state is None or state.get("spec_sha256") != spec.sha256 or state.get("steps") != names:
+        state = {"schema_version": STATE_VERSION, "spec": str(spec.path), "spec_sha256": spec.sha256,
+                 **(record or {}), "steps": names, "done": {}}
+    done: dict[str, Any] = state["done"]
+    start = next((i for i, name in enumerate(names) if name not in done), len(names))
+    if 0 < start < len(names):
+        display.note(f"{env.name}: resuming at step {start + 1}/{len(names)} {names[start]} "
+                     f"({', '.join(names[:start])} done)")
+    for i in range(start, len(steps)):
+        step = steps[i]
+        if step.fresh_prefix and env.prefix.exists():
+            shutil.rmtree(env.prefix)
+        display.start(env.name, i + 1, len(steps), step.name, log, step.counter)
+        try:
+            result = run_command(step.argv, env=_step_environment(env, step), log_path=log, on_poll=display.poll)
+        except BaseException:
+            display.finish(False, "interrupted")
+            if step.fresh_prefix:
+                shutil.rmtree(env.prefix, ignore_errors=True)
+            raise
+        if result.returncode != 0:
+            display.finish(False, f"failed (exit {result.returncode})")
+            if step.fresh_prefix:
+                shutil.rmtree(env.prefix, ignore_errors=True)
+            cmd = f"{pipeline_command()} envs create {env.name}"
+            raise EnvCreateFailed(
+                f"env '{env.name}': step {i + 1}/{len(steps)} '{step.name}' failed (exit {result.returncode}) "
+                f"after {result.duration_s:.0f} s; last lines of {log}:\n{tail_lines(log, 15)}",
+                hint=f"fix the cause (read {log}), then `{cmd}` resumes at step '{step.name}'",
+            )
+        display.finish(True)
+        done[step.name] = {"finished": now_iso(), "duration_s": round(result.duration_s, 1)}
+        _write_state(env, state)
+    stamp = {"spec": str(spec.path), "spec_sha256": spec.sha256, **(record or {}), "steps": names, "created": now_iso()}
+    write_json_atomic(env.stamp, stamp)
+
+
+# ---------------------------------------------------------------------------------------------- create
+
+
+def target_env(config: PipelineConfig, name: str) -> Env:
+    """Where env ``name`` is, or will be built: found as the config says, else ``.envs/<name>``."""
+    cfg = config.env_for(name)
+    env = resolve_env(config, name, must_exist=False)
+    if cfg.prefix is None and not env.exists():
+        env = Env(name, cfg.kind, ENVS_ROOT / (cfg.name or name), dict(cfg.variables), cfg.spec)
+    return env
+
+
+def _venv_python(name: str, env: Env, spec: EnvSpec, *, any_python: bool, say: Any) -> Path:
+    if spec.python_version is None:
+        return Path(sys.executable)
+    python, refused = find_python(spec.python_version)
+    if python is not None:
+        return python
+    if not any_python:
+        raise _python_missing(name, env, spec.python or "", refused)
+    say(f"{name}: warning: the spec pins Python {spec.python}, none found; building with "
+        f"{sys.version.split()[0]} ({sys.executable}) as --any-python asks")
+    return Path(sys.executable)
+
+
+def _create_one(config: PipelineConfig, name: str, *, recreate: bool, any_python: bool, display: StepDisplay) -> None:
+    say = display.note
     cfg = config.env_for(name)
     if cfg.kind == "current":
         say(f"{name}: uses the current interpreter ({sys.executable}); nothing to create")
         return
-    spec = _spec_for(config, name)
-    env = resolve_env(config, name, must_exist=False)
-    if cfg.prefix is None and not env.exists():
-        env = Env(name, cfg.kind, ENVS_ROOT / (cfg.name or name), dict(cfg.variables), cfg.spec)
-    state = stamp_state(env, spec)
-    if state == "up to date" and not recreate:
+    spec = spec_for(config, name)
+    env = target_env(config, name)
+    status = build_status(env, spec)
+    if status.state == "up to date" and not recreate:
         say(f"{name}: up to date at {env.prefix}")
         return
-    if state == "no stamp" and not recreate:
+    if status.state == "no stamp" and not recreate:
         say(f"{name}: exists at {env.prefix} (not built by this tool); left as is — pass --recreate to rebuild")
         return
-    if env.prefix.exists():
-        shutil.rmtree(env.prefix)
-    tool = _conda_tool() if cfg.kind == "conda" else None
-    if cfg.kind == "conda" and tool is None:
-        say(f"{name}: no conda/mamba/micromamba on PATH; building a venv with pip instead")
-        if spec.conda:
-            say(f"{name}: skipped conda-only entries (install them on the system): {', '.join(spec.conda)}")
-        if spec.python and not sys.version.startswith(spec.python.rstrip(".*")):
-            say(f"{name}: the spec asks for Python {spec.python}; this venv uses {sys.version.split()[0]}")
+    if status.state == "stale" and not recreate:
+        say(f"{name}: its spec changed since it was built; starting over")
+    state = _read_state(env) if status.state == "incomplete" and not recreate else None
     log = ENVS_ROOT / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("")
-    say(f"{name}: creating at {env.prefix} (log: {log})")
-    for argv in _creation_argvs(env, spec, tool):
-        result = run_command(argv, env=child_environment(), log_path=log)
-        if result.returncode != 0:
-            shutil.rmtree(env.prefix, ignore_errors=True)
-            raise EnvCreateFailed(
-                f"creating env '{name}' failed (exit {result.returncode}) at: {' '.join(argv[:4])} …\n"
-                f"{tail_lines(log, 15)}",
-                hint=f"read {log}; fix the spec {spec.path} or your network/proxy settings, then rerun",
-            )
-    write_json_atomic(env.stamp, {"spec": str(spec.path), "spec_sha256": spec.sha256, "tool": tool or "venv", "created": now_iso()})
-    say(f"{name}: created")
+    if state is None:  # a fresh build: choose the tool and interpreter before anything is removed
+        tool = (_conda_tool() if cfg.kind == "conda" else None) or "venv"
+        if cfg.kind == "conda" and tool == "venv":
+            say(f"{name}: no conda/mamba/micromamba on PATH; building a venv with pip instead")
+            if spec.conda:
+                say(f"{name}: skipped conda-only entries (install them on the system): {', '.join(spec.conda)}")
+        python = _venv_python(name, env, spec, any_python=any_python, say=say) if tool == "venv" else None
+        record = {"tool": tool, "python": str(python) if python else None}
+        if env.prefix.exists():
+            shutil.rmtree(env.prefix)
+        log.write_text("")
+    else:
+        record = {"tool": state.get("tool") or "venv", "python": state.get("python")}
+    tool = record["tool"]
+    python = Path(record["python"]) if record["python"] else None
+    conda_file = _conda_part(spec, name) if tool != "venv" else None
+    steps = plan_steps(env, spec, tool=tool, python=python, conda_file=conda_file)
+    if tool == "venv" and any(s.conda_variables for s in spec.steps):
+        names = sorted({k for s in spec.steps for k in s.conda_variables})
+        say(f"{name}: a venv has no conda toolkit: steps use your own {', '.join(names)} (set them if needed)")
+    say(f"{name}: building at {env.prefix} in {len(steps)} steps ({', '.join(s.name for s in steps)}); log: {log}")
+    run_steps(env, steps, spec=spec, log=log, display=display, record=record)
+    say(f"{name}: ready")
 
 
-def create_envs(config: PipelineConfig, names: Sequence[str], *, recreate: bool = False) -> int:
-    """Create the named envs (default: all declared). Returns 0, or raises EnvCreateFailed."""
-    for name in names or sorted(config.envs):
-        _create_one(config, name, recreate=recreate, say=print)
-    return 0
+def create_envs(config: PipelineConfig, names: Sequence[str], *, recreate: bool = False, any_python: bool = False,
+                weights: bool = False, display: StepDisplay | None = None) -> int:
+    """Create the named envs (default: all declared), then with ``weights`` fetch their gated weights.
 
+    An env that fails does not stop the others (they are independent); its error is raised at the end, after
+    the weights of the envs that were built. Returns 0 (or the weights fetch's code).
+    """
+    display = display or make_display()
+    requested = list(names)
+    failed: list[tuple[str, EnvCreateFailed]] = []
+    try:
+        names = requested or sorted(config.envs)
+        if weights:
+            from pipeline.driver.weights import token_note
 
-def _weights_row(config: PipelineConfig, name: str) -> tuple[bool, str]:
-    import os
+            note = token_note(config, names)
+            if note:
+                display.note(note)
+        for name in names:
+            try:
+                _create_one(config, name, recreate=recreate, any_python=any_python, display=display)
+            except EnvCreateFailed as exc:
+                failed.append((name, exc))
+                display.note(f"{name}: FAILED: {exc.message.splitlines()[0]}")
+        built = [n for n in names if n not in dict(failed)]
+        code = 0
+        if weights and built:
+            from pipeline.driver.weights import fetch_weights
 
-    token = bool(os.environ.get("HF_TOKEN") or (Path.home() / ".cache" / "huggingface" / "token").exists())
-    if name == "sam3d-objects":
-        ckpt = Path(config.reconstruct.sam3d.checkpoint_dir)
-        ok = (ckpt / "pipeline.yaml").exists()
-        return ok, f"{ckpt}/pipeline.yaml " + ("found" if ok else "missing — download facebook/sam-3d-objects (gated) there")
-    if name == "sam3":
-        ckpt = config.segment.sam3.checkpoint
-        if Path(ckpt).suffix == ".pt":
-            ok = Path(ckpt).exists()
-            return ok, f"{ckpt} " + ("found" if ok else "missing")
-        return token, f"{ckpt} from the hub: " + ("HF token present" if token else "no HF token — accept the licence on the hub, then `hf auth login` or set HF_TOKEN")
-    if name == "vllm":
-        model = config.vlm.model
-        if Path(model).exists():
-            return True, f"{model} found locally"
-        return True, f"{model} from the hub (public); pre-download it for offline nodes"
-    return True, "-"
-
-
-def check_envs(config: PipelineConfig, names: Sequence[str]) -> int:
-    """Print one table row per env; returns 1 if any env is missing or broken, else 0."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="stage envs")
-    for col in ("env", "found", "python", "packages", "gpu", "weights/auth", "fix"):
-        table.add_column(col, overflow="fold")
-    bad = False
-    for name in names or sorted(config.envs):
-        env = resolve_env(config, name, must_exist=False)
-        try:
-            spec = _spec_for(config, name)
-        except ConfigError:
-            spec = None
-        state = stamp_state(env, spec)
-        weights_ok, weights = _weights_row(config, name)
-        if not env.exists():
-            bad = True
-            table.add_row(name, f"no ({env.prefix})", "-", "-", "-", weights, f"python -m pipeline envs create {name}")
-            continue
-        rc, out = capture_output([str(env.python), "-c", PROBE, *KEY_PACKAGES.get(name, ())], env=env.child_env())
-        info = json.loads(out) if rc == 0 and out.strip() else {"python": "?", "packages": {}, "gpu": "probe failed"}
-        pkgs = ", ".join(f"{k} {v or 'MISSING'}" for k, v in info["packages"].items())
-        missing = [k for k, v in info["packages"].items() if v is None]
-        fixes = []
-        if state.startswith("stale"):
-            fixes.append(f"python -m pipeline envs create --recreate {name}")
-        if missing:
-            fixes.append(f"install {', '.join(missing)} into {env.prefix}")
-        if not weights_ok:
-            fixes.append("see weights/auth")
-        bad = bad or rc != 0 or bool(missing) or state.startswith("stale")
-        table.add_row(name, f"yes ({env.prefix}; {state})", info["python"], pkgs or "-", str(info["gpu"]), weights, "; ".join(fixes) or "ok")
-    Console().print(table)
-    return 1 if bad else 0
+            code = fetch_weights(config, built, display=display)
+        elif not failed:
+            display.note(f"next: {pipeline_command()} envs check" + (f" {' '.join(requested)}" if requested else ""))
+    finally:
+        display.close()
+    if len(failed) == 1:
+        raise failed[0][1]
+    if failed:
+        which = " ".join(n for n, _ in failed)
+        raise EnvCreateFailed(f"{len(failed)} envs failed to build: {which} (the lines above say at which step)",
+                              hint=f"fix each cause (logs in {ENVS_ROOT / 'logs'}), then `{pipeline_command()} envs create "
+                              f"{which}` resumes each at its failed step")
+    return code

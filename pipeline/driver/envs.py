@@ -27,10 +27,11 @@ from pipeline.config import PROJECT_ROOT, EnvConfig, PipelineConfig
 from pipeline.errors import EnvNotFound
 from pipeline.driver.proc import child_environment
 
-__all__ = ["ENVS_ROOT", "Env", "resolve_env", "conda_search_dirs"]
+__all__ = ["ENVS_ROOT", "Env", "resolve_env", "conda_search_dirs", "pipeline_command"]
 
 ENVS_ROOT = PROJECT_ROOT / ".envs"
 STAMP_NAME = ".pipeline-env.json"
+BUILD_STATE_NAME = ".pipeline-env-build.json"
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,15 @@ class Env:
     def stamp(self) -> Path:
         """File written when ``envs create`` finished this env: holds the hash of its spec."""
         return self.prefix / STAMP_NAME
+
+    @property
+    def build_state(self) -> Path:
+        """File recording which build steps of ``envs create`` finished (a half-built env has it, no stamp)."""
+        return self.prefix / BUILD_STATE_NAME
+
+    def is_half_built(self) -> bool:
+        """True when ``envs create`` started this env and has not finished its last step."""
+        return self.kind != "current" and self.build_state.exists() and not self.stamp.exists()
 
     def exists(self) -> bool:
         """True when the env's interpreter is there."""
@@ -102,8 +112,24 @@ def conda_search_dirs() -> list[Path]:
     return [d for d in dirs if not (d in seen or seen.add(d))]
 
 
+def pipeline_command() -> str:
+    """How to call this tool in printed advice: ``.venv/bin/python -m pipeline`` when the driver runs from the
+    project's ``.venv`` (absolute when the current directory is elsewhere), else ``python -m pipeline``."""
+    venv = PROJECT_ROOT / ".venv"
+    try:
+        in_venv = Path(sys.prefix).resolve() == venv.resolve()
+    except OSError:  # pragma: no cover - an unreadable prefix
+        in_venv = False
+    if not in_venv:
+        return "python -m pipeline"
+    python = ".venv/bin/python" if Path.cwd().resolve() == PROJECT_ROOT else str(venv / "bin" / "python")
+    return f"{python} -m pipeline"
+
+
 def _create_hint(name: str) -> str:
-    return f"create it with `python -m pipeline envs create {name}`, or set envs.{name}.prefix to an existing env"
+    cmd = pipeline_command()
+    return (f"create it with `{cmd} envs create {name}` (`{cmd} envs check` lists what each env still lacks), "
+            f"or set envs.{name}.prefix to an existing env")
 
 
 def resolve_env(config: PipelineConfig, name: str, *, must_exist: bool = True) -> Env:
@@ -122,6 +148,13 @@ def resolve_env(config: PipelineConfig, name: str, *, must_exist: bool = True) -
     for prefix in candidates:
         env = Env(name, cfg.kind, prefix, dict(cfg.variables), cfg.spec)
         if env.exists():
+            if must_exist and env.is_half_built():
+                cmd = pipeline_command()
+                raise EnvNotFound(
+                    f"{cfg.kind} env '{name}' at {prefix} is half-built (`envs create` stopped before its last step)",
+                    hint=f"finish it with `{cmd} envs create {name}` (it resumes at the step that failed); "
+                    f"`{cmd} envs check {name}` shows its state",
+                )
             return env
     env = Env(name, cfg.kind, candidates[0], dict(cfg.variables), cfg.spec)
     if must_exist:

@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.driver.reaper import ChildGuard
@@ -166,10 +166,13 @@ def run_command(
     log_path: Path | None = None,
     cwd: Path | None = None,
     timeout_s: float | None = None,
+    on_poll: Callable[[], None] | None = None,
+    poll_s: float = 0.5,
 ) -> CommandResult:
     """Run ``argv`` to completion, output appended to ``log_path`` (or discarded); never raises on exit codes.
 
-    On timeout or Ctrl-C the child's group is stopped; Ctrl-C is re-raised after cleanup.
+    ``on_poll``, when given, is called every ``poll_s`` seconds while the child runs (progress displays that
+    read the growing log). On timeout or Ctrl-C the child's group is stopped; Ctrl-C is re-raised after cleanup.
     """
     t0 = time.monotonic()
     log = open(log_path, "ab") if log_path else None
@@ -180,7 +183,7 @@ def run_command(
         out = log if log else subprocess.DEVNULL
         proc = spawn(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
         try:
-            returncode = proc.wait(timeout=timeout_s)
+            returncode = _wait(proc, None if timeout_s is None else t0 + timeout_s, on_poll, poll_s)
         except subprocess.TimeoutExpired:
             stop_process_group(proc)
             returncode = -signal.SIGKILL
@@ -191,6 +194,21 @@ def run_command(
         if log:
             log.close()
     return CommandResult(tuple(str(a) for a in argv), returncode, time.monotonic() - t0, log_path)
+
+
+def _wait(proc: subprocess.Popen, deadline: float | None, on_poll: Callable[[], None] | None, poll_s: float) -> int:
+    """Wait for ``proc``, calling ``on_poll`` between waits; TimeoutExpired once past ``deadline``."""
+    while True:
+        waits = [poll_s] if on_poll is not None else []
+        if deadline is not None:
+            waits.append(max(0.0, deadline - time.monotonic()))
+        try:
+            return proc.wait(timeout=min(waits) if waits else None)
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+        if on_poll is not None:
+            on_poll()
 
 
 def tail_lines(path: Path | None, n: int = 20) -> str:
