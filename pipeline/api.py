@@ -134,7 +134,7 @@ def default_run_dir(config: PipelineConfig, image: Path, key: str) -> Path:
 
 
 def _result(outcome: RunOutcome) -> RunResult:
-    timings = {s.decision.stage: round(s.duration_s, 3) for s in outcome.stages}
+    timings = {s.decision.stage: round(s.duration_s, 3) for s in outcome.stages if s.duration_s is not None}
     decisions = {s.decision.stage: f"{s.decision.action} ({s.decision.reason})" for s in outcome.stages}
     return collect_result(outcome.run_dir, timings, decisions)
 

@@ -354,3 +354,56 @@ def test_a_run_dir_in_use_fails_that_run_only(tmp_path: Path, current_config: Pi
             handles[0].wait(timeout=60)
         assert _objects(handles[1].wait(timeout=60), "segment") == 2
     assert not (busy.run_dir / "masks").exists()
+
+
+def _start_fail_config(current_config: PipelineConfig, tmp_path: Path, failures: str) -> PipelineConfig:
+    (tmp_path / "failures").write_text(failures)
+    return apply_overrides(current_config, [
+        "segment.backend=tests.doubles.faulty:StartFailSegmenterDouble", "engine.max_restarts=2",
+        f"segment.options.start_failures={tmp_path / 'failures'}", f"segment.options.start_log={tmp_path / 'starts'}"])
+
+
+def test_a_worker_that_fails_to_start_is_started_again(tmp_path: Path, current_config: PipelineConfig) -> None:
+    config = _start_fail_config(current_config, tmp_path, "once\ntwice\n")
+    events: list[str] = []
+    with Engine(config, on_event=lambda e: events.append(e.message)) as engine:
+        handles = [engine.submit(_request(tmp_path, f"r{i}", "red")) for i in range(3)]
+        outcomes = [h.wait() for h in handles]
+    assert all(_objects(o, "segment") == 2 for o in outcomes)
+    assert (tmp_path / "starts").read_text().count("start") == 3, "two failed starts, then one that worked"
+    assert any("failed to start" in m and "try 2 of 3" in m for m in events), events
+
+
+def test_a_worker_that_never_starts_fails_its_runs_after_the_restarts_without_durations(
+        tmp_path: Path, current_config: PipelineConfig) -> None:
+    config = _start_fail_config(current_config, tmp_path, "always\n")
+    with Engine(config) as engine:
+        handles = [engine.submit(_request(tmp_path, f"r{i}", "red")) for i in range(2)]
+        for h in handles:
+            with pytest.raises(StageFailed, match="failing on purpose at start"):
+                h.wait()
+    assert (tmp_path / "starts").read_text().count("start") == 3, "1 start + engine.max_restarts=2 restarts"
+    for h in handles:
+        record = json.loads((h.run_dir / "run.json").read_text())["stages"]["segment"]
+        assert record["status"] == "failed" and record["duration_s"] is None, record
+
+
+def test_closing_the_engine_leaves_every_run_record_final(tmp_path: Path, current_config: PipelineConfig) -> None:
+    # the hanging run's group-mates have begun (run.json says running) but wait for the worker; closing the
+    # engine stops the worker and hands them back: they must not stay "running"
+    engine = Engine(current_config)
+    with engine:
+        busy = engine.submit(_request(tmp_path, "busy", "hang"))
+        mates = [engine.submit(_request(tmp_path, f"mate{i}", "red")) for i in range(2)]
+        deadline = time.monotonic() + 30
+        while busy.stage != "segment":
+            assert time.monotonic() < deadline, "the first run never started"
+            time.sleep(0.05)
+        time.sleep(0.3)
+    for name in ("busy", "mate0", "mate1"):
+        path = tmp_path / "runs" / name / "run.json"
+        if path.exists():
+            stage = json.loads(path.read_text())["stages"].get("segment", {})
+            assert stage.get("status") in (None, "failed", "succeeded"), (name, stage)
+            assert not list((tmp_path / "runs" / name).glob("*.partial"))
+    assert all(h.done() for h in [busy, *mates])

@@ -234,7 +234,7 @@ def requests_for(items: Sequence[BatchItem], config: PipelineConfig, stages: tup
 
 def _finished(item: BatchItem, handle: RunHandle) -> ItemResult:
     outcome = handle.outcome
-    timings = {s.decision.stage: round(s.duration_s, 3) for s in outcome.stages} if outcome else {}
+    timings = {s.decision.stage: round(s.duration_s, 3) for s in outcome.stages if s.duration_s is not None} if outcome else {}
     decisions = {s.decision.stage: f"{s.decision.action} ({s.decision.reason})" for s in outcome.stages} if outcome else {}
     if handle.state != "succeeded":
         error = handle.error.message if handle.error else handle.state

@@ -271,7 +271,8 @@ class _Lane:
         if not group:
             return
         try:
-            worker = self._worker_for(config)
+            worker = self._start_retrying(config, lambda message: [
+                self.engine._emit(h, "progress", self.stage, message=message) for h, _ in group])
         except PipelineError as exc:
             self._fail_group(group, exc)
             return
@@ -395,6 +396,19 @@ class _Lane:
         self.start_failures, self.start_error = 0, None
         self.worker, self.worker_key, self.state = worker, key, "idle"
         return worker
+
+    def _start_retrying(self, config: PipelineConfig, say: Callable[[str], Any]) -> WorkerProcess:
+        """The lane's worker, started again after a failed start (a model load killed by the OOM killer, a
+        flaky filesystem) up to ``engine.max_restarts`` times in a row; then the last start's error. ``say``
+        tells the waiting runs about each new try."""
+        while True:
+            try:
+                return self._worker_for(config)
+            except StageFailed as exc:
+                if self.start_failures > config.engine.max_restarts or self.engine.closing:
+                    raise
+                say(f"the {self.stage} worker failed to start ({exc.message}); try {self.start_failures + 1} "
+                    f"of {config.engine.max_restarts + 1}")
 
     def close_worker(self) -> None:
         if self.worker is not None:

@@ -79,7 +79,7 @@ class StageOutcome:
 
     decision: Decision
     result: dict[str, Any] = field(default_factory=dict)
-    duration_s: float = 0.0
+    duration_s: float | None = None  # seconds from begin to the end; None for a stage that never began
 
 
 @dataclass
@@ -400,22 +400,29 @@ class ActiveRun:
     def fail(self, outcome: StageOutcome, reason: str) -> None:
         """Record a failed (or interrupted) stage and delete the staging directories its worker left."""
         stage = outcome.decision.stage
-        outcome.duration_s = time.perf_counter() - self._t0.get(stage, time.perf_counter())
+        began = self._t0.get(stage)
+        outcome.duration_s = time.perf_counter() - began if began is not None else None
         _remove_partials(self.run_dir)
         current = self.record.stages.get(stage, StageRecord())
+        duration = round(outcome.duration_s, 3) if outcome.duration_s is not None else None
         self.record.stages[stage] = current.model_copy(
-            update={"status": "failed", "reason": reason, "ended": now_iso(), "duration_s": round(outcome.duration_s, 3)}
+            update={"status": "failed", "reason": reason, "ended": now_iso(), "duration_s": duration}
         )
         self._save()
 
     def drop_planned(self, reason: str) -> None:
         """Record the stages that were planned to run but never began (their run was cancelled while it
-        waited, opened ahead) as failed with ``reason``, so ``run.json`` ends in a final state."""
+        waited, opened ahead) as failed with ``reason``, and those begun but handed back before a worker took
+        them (a group whose worker was stopped) as failed ``interrupted``, so ``run.json`` ends in a final
+        state; their partial folders go."""
         for outcome in self.outcomes:
             stage = outcome.decision.stage
+            current = self.record.stages.get(stage, StageRecord())
             if outcome.decision.runs and stage not in self._t0:
-                self.record.stages[stage] = self.record.stages.get(stage, StageRecord()).model_copy(
+                self.record.stages[stage] = current.model_copy(
                     update={"status": "failed", "reason": reason, "ended": now_iso(), "duration_s": None})
+            elif current.status == "running":
+                self.fail(outcome, "interrupted")
         self._save()
 
     def result(self) -> RunOutcome:

@@ -8,7 +8,10 @@ Both extend :class:`~tests.doubles.segmenters.ColorBlobSegmenterDouble` (same ma
 - :class:`SingleRunHintSegmenterDouble` reports, as a start-up step ``single_run`` (1.0 or 0.0), whether the
   driver started its worker for one run (``PIPELINE_SINGLE_RUN``);
 - :class:`MarkerFailSegmenterDouble` fails every image while the file named by ``segment.options.fail_if_exists``
-  exists (a fault that the test can clear, as a user fixes a broken node).
+  exists (a fault that the test can clear, as a user fixes a broken node);
+- :class:`StartFailSegmenterDouble` fails at start (as a model load killed by the OOM killer) for each line of the
+  file named by ``segment.options.start_failures`` (consuming one line per start; ``always`` never runs out) and
+  appends one line per start to ``segment.options.start_log``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pipeline.stages.protocol import serves_single_run
 from tests.doubles.segmenters import ColorBlobSegmenterDouble
 
 __all__ = ["HangingSegmenterDouble", "PrefetchLogSegmenterDouble", "SingleRunHintSegmenterDouble",
-           "MarkerFailSegmenterDouble"]
+           "MarkerFailSegmenterDouble", "StartFailSegmenterDouble"]
 
 
 class SingleRunHintSegmenterDouble(ColorBlobSegmenterDouble):
@@ -62,3 +65,18 @@ class MarkerFailSegmenterDouble(ColorBlobSegmenterDouble):
         if marker and Path(marker).exists():
             raise RuntimeError(f"failing on purpose: {marker} exists")
         return super().predict(phrases)
+
+
+class StartFailSegmenterDouble(ColorBlobSegmenterDouble):
+    """Fails in ``__init__`` (before the worker is ready) while ``options.start_failures`` has lines left."""
+
+    def __init__(self, config) -> None:  # noqa: ANN001 - SegmentConfig
+        super().__init__(config)
+        with Path(config.options["start_log"]).open("a") as log:
+            log.write("start\n")
+        failures = Path(config.options["start_failures"])
+        lines = failures.read_text().splitlines() if failures.exists() else []
+        if lines:
+            if lines[0] != "always":
+                failures.write_text("".join(f"{line}\n" for line in lines[1:]))
+            raise RuntimeError("failing on purpose at start (a model load that was killed)")
