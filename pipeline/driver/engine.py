@@ -39,6 +39,7 @@ from pipeline.driver.envs import resolve_env
 from pipeline.driver.reaper import ChildGuard
 from pipeline.driver.runner import ActiveRun, RunOutcome, RunRequest, Runner, StageOutcome, validate_request
 from pipeline.driver.sources import SourceIndex, SourcePhoto
+from pipeline.driver.statefiles import driver_file, remove_dead_drivers_files
 from pipeline.driver.workers import JobOutcome, WorkerProcess, load_key
 from pipeline.errors import ConfigError, PipelineError, RunCancelled, StageFailed, UsageError
 from pipeline.handoff import LOGS_DIR
@@ -376,14 +377,14 @@ class _Lane:
         section = config.stage(self.stage)
         env = resolve_env(config, section.env)
         state_dir = self.engine.state_dir
-        config_path = state_dir / f"{self.stage}-{os.getpid()}.json"
+        config_path = driver_file(state_dir, self.stage, ".json")
         write_json_atomic(config_path, config.model_dump(mode="json"))
         variables = dict(section.variables)
         if self.engine.single_run:
             variables[SINGLE_RUN_VARIABLE] = "1"
         worker = WorkerProcess(
             self.stage, env, config_path=config_path,
-            log_path=state_dir / LOGS_DIR / f"{self.stage}-{os.getpid()}.log", variables=variables,
+            log_path=driver_file(state_dir, self.stage, ".log", log=True), variables=variables,
         )
         self.state = "loading"
         try:
@@ -483,6 +484,7 @@ class Engine:
         if not self.single_run:  # a one-shot engine checks before its first worker starts: a rerun may start none
             self.check_budget()
         (self.state_dir / LOGS_DIR).mkdir(parents=True, exist_ok=True)
+        remove_dead_drivers_files(self.state_dir)
         guard = self._stack.enter_context(ChildGuard(self.state_dir))
         self.stale = guard.stale
         for lane in self._lanes.values():
@@ -532,8 +534,8 @@ class Engine:
         self._checkers.shutdown(wait=True, cancel_futures=True)
         self.sources.close()
         if not any(h.state == "failed" for h in self._handles.values()):  # keep worker logs only when useful
-            for log in (self.state_dir / LOGS_DIR).glob(f"*-{os.getpid()}.log"):
-                log.unlink(missing_ok=True)
+            for stage in (*STAGE_NAMES, "vlm"):
+                driver_file(self.state_dir, stage, ".log", log=True).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ runs
 
@@ -629,7 +631,7 @@ class Engine:
 
     @property
     def _vlm_log(self) -> Path:
-        return self.state_dir / LOGS_DIR / f"vlm-{os.getpid()}.log"
+        return driver_file(self.state_dir, "vlm", ".log", log=True)
 
     def _vlm_log_size(self) -> int:
         return self._vlm_log.stat().st_size if self._vlm_log.exists() else 0
