@@ -27,32 +27,45 @@ def _object_dir(run_dir: Path, record: ObjectRecord) -> Path:
 
 
 def posed_objects(run_dir: Path, manifest: ObjectsManifest) -> list[tuple[ObjectRecord, Any]]:
-    """``(record, PosedObject)`` for every object that has a mesh, posed into ``manifest.frame``."""
+    """``(record, PosedObject)`` for every object that has a mesh, posed into ``manifest.frame``; an object whose
+    files cannot be read comes as ``(record, "<one-line reason>")``."""
+    out: list[tuple[ObjectRecord, Any]] = []
+    for record in manifest.objects:
+        if "mesh.glb" not in {Path(f.path).name for f in record.files}:
+            continue
+        try:
+            out.append((record, _posed_object(run_dir, record, manifest.frame)))
+        except Exception as exc:  # noqa: BLE001 - a damaged object file fails that object's exports only
+            out.append((record, _one_line(exc)))
+    return out
+
+
+def _posed_object(run_dir: Path, record: ObjectRecord, frame: str) -> Any:
+    """One object's mesh (and Gaussians, when it has them) with the transforms into ``frame``."""
     import trimesh
 
     from pipeline.stages.exports import PosedObject
     from pipeline.stages.frames import frame_matrix, glb_node_matrix, pose_matrix
     from pipeline.stages.scene import read_gaussians_ply
 
-    out = []
-    for record in manifest.objects:
-        names = {Path(f.path).name for f in record.files}
-        if "mesh.glb" not in names:
-            continue
-        folder = _object_dir(run_dir, record)
-        mesh = trimesh.load(folder / "mesh.glb", force="mesh", process=False)
-        pose = pose_matrix(np.asarray(record.pose.quat_wxyz), np.asarray(record.pose.translation), np.asarray(record.pose.scale))
-        change = np.eye(4)
-        change[:3, :3] = frame_matrix(manifest.frame)
-        gaussians = read_gaussians_ply(folder / "gaussians.ply") if "gaussians.ply" in names else None
-        out.append((record, PosedObject(
-            name=f"object_{record.id:03d}",
-            mesh=mesh,
-            to_scene=glb_node_matrix(pose, manifest.frame),
-            gaussians=gaussians,
-            gaussians_to_scene=change @ pose if gaussians is not None else None,
-        )))
-    return out
+    folder = _object_dir(run_dir, record)
+    mesh = trimesh.load(folder / "mesh.glb", force="mesh", process=False)
+    pose = pose_matrix(np.asarray(record.pose.quat_wxyz), np.asarray(record.pose.translation), np.asarray(record.pose.scale))
+    change = np.eye(4)
+    change[:3, :3] = frame_matrix(frame)
+    has_gaussians = "gaussians.ply" in {Path(f.path).name for f in record.files}
+    gaussians = read_gaussians_ply(folder / "gaussians.ply") if has_gaussians else None
+    return PosedObject(
+        name=f"object_{record.id:03d}",
+        mesh=mesh,
+        to_scene=glb_node_matrix(pose, frame),
+        gaussians=gaussians,
+        gaussians_to_scene=change @ pose if gaussians is not None else None,
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
 
 def missing_exports(run_dir: Path, manifest: ObjectsManifest, formats: Sequence[str]) -> list[str]:
@@ -74,15 +87,19 @@ def export_run(run_dir: Path, manifest: ObjectsManifest, formats: Sequence[str],
     if not formats:
         return manifest
     objects = posed_objects(run_dir, manifest)
+    readable = [obj for _, obj in objects if not isinstance(obj, str)]
     records: list[ExportRecord] = []
     for fmt in formats:
         try:
             for record, obj in objects:
+                if isinstance(obj, str):  # its files could not be read
+                    records.append(ExportRecord(format=fmt, target=record.id, error=f"cannot read the object: {obj}"))
+                    continue
                 records.append(_one(run_dir, fmt, record.id, lambda: write_object(
                     obj, fmt, _object_dir(run_dir, record), frame=manifest.frame, texture_size=texture_size)))
-            if objects:
+            if readable:
                 records.append(_one(run_dir, fmt, "scene", lambda: write_scene(
-                    [o for _, o in objects], fmt, run_dir / SCENE_DIR, frame=manifest.frame, texture_size=texture_size)))
+                    readable, fmt, run_dir / SCENE_DIR, frame=manifest.frame, texture_size=texture_size)))
         except ExportUnavailable as exc:  # the library is missing: every target of this format fails alike
             records = [r for r in records if r.format != fmt]
             records += [ExportRecord(format=fmt, target=t, error=str(exc)) for t in [r.id for r, _ in objects] + ["scene"]]
@@ -99,7 +116,7 @@ def _one(run_dir: Path, fmt: str, target: int | str, write: Any) -> ExportRecord
     except ExportUnavailable:
         raise
     except Exception as exc:  # noqa: BLE001 - one object's failed export must not stop the others
-        return ExportRecord(format=fmt, target=target, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+        return ExportRecord(format=fmt, target=target, error=_one_line(exc))
     return ExportRecord(format=fmt, target=target, files=[file_record(run_dir, Path(p)) for p in paths])
 
 
