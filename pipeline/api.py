@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from pipeline.config import STAGE_NAMES, PipelineConfig, load_config
 from pipeline.driver.engine import Engine
-from pipeline.driver.runner import RunOutcome, RunRequest, split_phrases, validate_request
+from pipeline.driver.runner import RunOutcome, RunRequest, check_request_text, validate_request
 from pipeline.errors import PipelineError
 from pipeline.handoff import MANIFEST_NAME, MASKS_DIR, OBJECTS_DIR, SCENE_DIR, MaskManifest, ObjectsManifest, load_manifest
 
@@ -86,12 +86,13 @@ class Pipeline:
         stages: Sequence[str] = STAGE_NAMES,
         force: Sequence[str] = (),
     ) -> RunRequest:
-        """The run request for one image (raises UsageError on a contradictory or empty query/prompt)."""
-        prompts = split_phrases(prompt)
-        run_dir = Path(out) if out else default_run_dir(self.config, Path(image), run_key(query, prompts))
-        req = RunRequest(run_dir=run_dir, stages=tuple(stages), image=Path(image), query=query,
-                         prompts=prompts, force=frozenset(force))
-        validate_request(req)
+        """The run request for one image. Raises UsageError on a contradictory or empty query/prompt, or one over
+        ``run.limits``; repeated phrases are dropped, and the request's ``notes`` say which."""
+        text = check_request_text(query, prompt, self.config.run.limits)
+        run_dir = Path(out) if out else default_run_dir(self.config, Path(image), run_key(text.query, text.prompts))
+        req = RunRequest(run_dir=run_dir, stages=tuple(stages), image=Path(image), query=text.query,
+                         prompts=text.prompts, force=frozenset(force), notes=text.notes)
+        validate_request(req, self.config.run.limits)
         return req
 
     def run(self, image: str | Path, **kwargs: Any) -> RunResult:

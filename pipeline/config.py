@@ -3,6 +3,10 @@
 Layers are merged key by key (later wins). Validation is strict: an unknown key or a wrong type is one
 :class:`~pipeline.errors.ConfigError` naming the dotted key and the layer (file or ``--set``) it came from.
 The resolved config is saved into every run (``run.json``) and is part of each stage's fingerprint.
+
+User files and ``--set`` values are read defensively: a file over :data:`MAX_CONFIG_BYTES`, bytes that are not
+UTF-8, nesting deeper than :data:`MAX_DEPTH` or more than :data:`MAX_VALUES` values (aliases counted as expanded)
+are one ConfigError each, and every value or key an error echoes is cut to :func:`preview`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline.backends import BUILTIN_BACKENDS
 from pipeline.errors import ConfigError
 
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "ReconstructConfig",
     "VLMConfig",
     "AgentConfig",
+    "RequestLimits",
     "RunConfig",
     "EngineConfig",
     "SlurmStageConfig",
@@ -37,6 +43,13 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "parse_set_flags",
+    "parse_yaml",
+    "check_shape",
+    "preview",
+    "is_import_path",
+    "MAX_CONFIG_BYTES",
+    "MAX_DEPTH",
+    "MAX_VALUES",
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +59,47 @@ Frame = Literal["pytorch3d", "opencv", "opengl"]
 #: File formats the 3D stage (or ``python -m pipeline export``) can add beside gaussians.ply and mesh.glb.
 ExportFormat = Literal["obj", "stl", "usdz", "glb-textured"]
 EXPORT_FORMATS: tuple[str, ...] = ("obj", "stl", "usdz", "glb-textured")
+#: Largest config file read (``--config``; the default file too). Config files are a few KB.
+MAX_CONFIG_BYTES = 1_000_000
+#: Deepest nesting of a config file, a ``--set`` value or a ``--list`` line (the real config is 4 levels deep).
+MAX_DEPTH = 50
+#: Most values (mapping entries and list items, YAML aliases counted as often as they are used) in one layer.
+MAX_VALUES = 100_000
+PREVIEW_CHARS = 80
+_MAX_INT_BITS = 10_000  # ≈ 3000 decimal digits: beyond it Python refuses to print the number (JSON, hashing)
+# the C parser where PyYAML was built with libyaml: faster, and it caps flow nesting itself
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
+    """``value`` for an error message: a string as is, anything else as ``repr``; control characters escaped (one
+    line) and cut to ``limit`` characters, so a huge or hostile value is named, never echoed whole."""
+    text = value if isinstance(value, str) else _safe_repr(value)
+    text = text[: limit * 4]  # escaping can only grow it: cut first, then escape, then cut exactly
+    text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except RecursionError:  # a self-referencing or very deep structure
+        return f"<{type(value).__name__} nested too deep>"
+    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
+        return f"<{type(value).__name__} too long to print>"
+
+
+def is_import_path(value: str) -> bool:
+    """True for ``package.module:Class`` (dotted identifiers, a colon, one identifier)."""
+    module, sep, cls = value.partition(":")
+    return bool(sep) and cls.isidentifier() and all(part.isidentifier() for part in module.split("."))
+
+
+def _check_backend(stage: str, value: str) -> str:
+    if value in BUILTIN_BACKENDS[stage] or is_import_path(value):
+        return value
+    known = ", ".join(sorted(BUILTIN_BACKENDS[stage]))
+    raise ValueError(f"not a built-in {stage} backend ({known}) nor an import path 'package.module:Class'")
 
 
 class _Section(BaseModel):
@@ -126,6 +180,11 @@ class SegmentConfig(_Section):
     max_objects: int = Field(20, ge=1)
     sam3: Sam3Config = Field(default_factory=Sam3Config)
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        return _check_backend("segment", value)
+
 
 class ReconstructConfig(_Section):
     """The 3D stage: image + masks → per-object Gaussians, meshes, poses and a composed scene."""
@@ -142,13 +201,20 @@ class ReconstructConfig(_Section):
     texture_size: int = Field(1024, ge=64, le=8192)  # texels per side of a baked texture (obj, usdz, glb-textured)
     sam3d: Sam3dConfig = Field(default_factory=Sam3dConfig)
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        return _check_backend("reconstruct", value)
+
     @field_validator("exports", mode="before")
     @classmethod
     def _split_exports(cls, value: Any) -> Any:
         """``"obj,stl"`` (a --set or --export value) → ``["obj", "stl"]``; duplicates dropped."""
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        return list(dict.fromkeys(value)) if isinstance(value, list) else value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(dict.fromkeys(value))
+        return value  # anything else: the type check names it
 
 
 class VLMConfig(_Section):
@@ -189,12 +255,21 @@ class AgentConfig(_Section):
     max_phrases: int = Field(6, ge=1)
 
 
+class RequestLimits(_Section):
+    """What one request may ask for, the same at every entry point (CLI, ``--list`` lines, Python API, web)."""
+
+    max_query_chars: int = Field(500, ge=1)  # a --query sentence for the VLM agent
+    max_phrases: int = Field(16, ge=1)  # --prompt phrases after splitting on commas and dropping repeats
+    max_phrase_chars: int = Field(200, ge=1)  # one phrase
+
+
 class RunConfig(_Section):
-    """Where runs go, and how their input photos are checked and kept."""
+    """Where runs go, how their input photos are checked and kept, and the limits of a request."""
 
     out_root: Path = Path("outputs")
     max_pixels: int = Field(40_000_000, ge=1)  # larger photos are refused from their header, before any decode
     store_input: Literal["copy", "hardlink", "reflink"] = "copy"  # how a run keeps its photo's original bytes
+    limits: RequestLimits = Field(default_factory=RequestLimits)
 
 
 class EngineConfig(_Section):
@@ -282,6 +357,50 @@ class PipelineConfig(_Section):
 # ---------------------------------------------------------------------------------------------- loading
 
 
+class _TooDeep(Exception):
+    """A YAML document nested deeper than the parser (or :data:`MAX_DEPTH`) allows."""
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document with the safe (C, where available) loader. Raises ``yaml.YAMLError`` (also for a value
+    Python refuses to build, such as an int of more than 4300 digits), or :class:`_TooDeep` for nesting the parser
+    cannot take (instead of a RecursionError)."""
+    try:
+        return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a safe loader (CSafeLoader or SafeLoader)
+    except RecursionError:
+        raise _TooDeep() from None
+    except yaml.YAMLError as exc:
+        if "nesting depth" in str(exc):  # libyaml's own cap on flow and block nesting
+            raise _TooDeep() from None
+        raise
+    except (ValueError, OverflowError) as exc:  # raised by a constructor (int(), float(), a timestamp)
+        raise yaml.YAMLError(f"a value cannot be read: {exc}") from None
+
+
+def check_shape(data: Any, where: str) -> None:
+    """ConfigError when ``data`` nests deeper than :data:`MAX_DEPTH` or holds more than :data:`MAX_VALUES` values.
+
+    The walk is iterative and counts a shared (aliased) value each time it is used, so a "billion laughs"
+    document is refused after :data:`MAX_VALUES` steps instead of being expanded later by validation or hashing.
+    """
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    count = 0
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, int) and node.bit_length() > _MAX_INT_BITS:
+            raise ConfigError(f"{where} holds a number of more than 3000 digits",
+                              hint="config numbers are counts, sizes and seeds; check the value")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{where} is nested deeper than {MAX_DEPTH} levels",
+                              hint="config values are a few levels deep; check the file for runaway brackets")
+        children = list(node.values()) if isinstance(node, Mapping) else node if isinstance(node, (list, tuple)) else ()
+        count += len(children)
+        if count > MAX_VALUES:
+            raise ConfigError(f"{where} holds more than {MAX_VALUES} values (YAML aliases counted as expanded)",
+                              hint="a config is a few hundred values; remove the repeated aliases or the bulk data")
+        stack.extend((child, depth + 1) for child in children)
+
+
 def parse_set_flags(flags: Sequence[str]) -> dict[str, Any]:
     """``["segment.threshold=0.3", "vlm.extra_args=[--foo]"]`` → nested dict; values are parsed as YAML."""
     tree: dict[str, Any] = {}
@@ -289,36 +408,59 @@ def parse_set_flags(flags: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = flag.partition("=")
         if not sep or not key.strip() or any(not part for part in key.split(".")):
             raise ConfigError(
-                f"--set {flag!r} is not of the form section.key=value",
+                f"--set {preview(flag)!r} is not of the form section.key=value",
                 hint="for example --set segment.threshold=0.3",
             )
+        parts = key.strip().split(".")
+        if len(parts) > MAX_DEPTH:
+            raise ConfigError(f"--set key {preview(key)!r} has more than {MAX_DEPTH} parts",
+                              hint="config keys are section.key or section.sub.key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
+        except _TooDeep:
+            raise ConfigError(f"--set {preview(key)}: the value is nested deeper than {MAX_DEPTH} levels",
+                              hint="check the value for runaway brackets") from None
         except yaml.YAMLError:
             value = raw
+        check_shape(value, f"--set {preview(key)}")
         node = tree
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {flag!r} conflicts with another --set of {part!r}")
+                raise ConfigError(f"--set {preview(flag)!r} conflicts with another --set of {preview(part)!r}")
         node[parts[-1]] = value
     return tree
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping; any way the file can be bad (missing, huge, not UTF-8, not YAML, too deep,
+    not a mapping) is one ConfigError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)  # never more: the path may be a huge file or a device
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}", hint="check the --config path") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1_000_000} MB",
+                          hint="a config file is a few KB: check that --config names the right file")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+                          hint="save it as UTF-8, or check that --config names the right file") from None
+    try:
+        data = parse_yaml(text)
+    except _TooDeep:
+        raise ConfigError(f"config file {path} is nested deeper than {MAX_DEPTH} levels",
+                          hint="config values are a few levels deep; check the file for runaway brackets") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        raise ConfigError(f"config file {path} is not valid YAML: {preview(str(exc).splitlines()[0], 160)}",
+                          hint="fix the line the parser names (yamllint shows it too)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    check_shape(data, f"config file {path}")
     return data
 
 
@@ -360,18 +502,18 @@ def _known_keys(loc: Sequence[Any]) -> list[str]:
 def _config_error(exc: ValidationError, origins: Mapping[str, str]) -> ConfigError:
     first = exc.errors()[0]
     loc = list(first["loc"])
-    dotted = ".".join(str(p) for p in loc)
+    dotted = preview(".".join(str(p) for p in loc))  # keys come from the user too: a huge one is cut
     origin = _origin_of(loc, origins)
     if first["type"] == "extra_forbidden":
         message = f"unknown config key '{dotted}' in {origin}"
-        near = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1, cutoff=0.6)
-        prefix = ".".join(str(p) for p in loc[:-1])
+        last = str(loc[-1])
+        near = difflib.get_close_matches(last, _known_keys(loc[:-1]), n=1, cutoff=0.6) if len(last) <= 200 else []
+        prefix = preview(".".join(str(p) for p in loc[:-1]))
         hint = (f"did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near
                 else "see the config reference in README.md for the valid keys")
     else:
-        got = repr(first.get("input"))
-        got = got if len(got) <= 80 else got[:77] + "..."  # a huge value is named, not echoed
-        message = f"config key '{dotted}' in {origin}: {first['msg']} (got {got})"
+        got = preview(_safe_repr(first.get("input")))  # a huge value is named, not echoed
+        message = f"config key '{dotted}' in {origin}: {preview(first['msg'], 200)} (got {got})"
         hint = "fix the value; README.md lists each key's type and default"
     more = len(exc.errors()) - 1
     if more:

@@ -18,21 +18,23 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from pipeline.atomic import write_json_atomic
-from pipeline.config import STAGE_NAMES, PipelineConfig, apply_overrides
+from pipeline.config import MAX_DEPTH, STAGE_NAMES, PipelineConfig, RequestLimits, apply_overrides, check_shape, preview
 from pipeline.driver.engine import Engine, RunHandle
-from pipeline.driver.runner import RunRequest, Runner, split_phrases
+from pipeline.driver.runner import RunRequest, Runner, check_request_text
 from pipeline.errors import EXIT_INTERRUPTED, EXIT_STAGE_FAILED, PipelineError, UsageError
 from pipeline.handoff import MANIFEST_NAME, MASKS_DIR, OBJECTS_DIR, MaskManifest, ObjectsManifest, load_manifest, now_iso
 
 __all__ = [
     "BatchItem", "ItemResult", "SHORTCUTS", "IMAGE_SUFFIXES", "EXIT_STOPPED", "read_items", "run_batch",
-    "write_summary", "SUMMARY_NAME", "requests_for",
+    "write_summary", "SUMMARY_NAME", "requests_for", "MAX_LINE_BYTES",
 ]
 
 SUMMARY_NAME = "batch.json"
@@ -46,6 +48,10 @@ SHORTCUTS = {
     "export": "reconstruct.exports",
 }
 _LINE_KEYS = frozenset({"image", "query", "prompt", "out"})
+#: Longest line of a ``--list`` file (the file itself may be any size; a longer line is reported, not read).
+MAX_LINE_BYTES = 64 * 1024
+_MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+Reporter = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class BatchItem:
     overrides: tuple[str, ...]
     run_dir: Path
     error: str | None = None
+    notes: tuple[str, ...] = ()  # what was changed in its request (repeated phrases dropped)
 
 
 @dataclass
@@ -82,34 +89,139 @@ class ItemResult:
             "timings": self.timings,
             "stages": self.decisions,
             "error": self.error,
+            "notes": list(self.item.notes),
         }
 
 
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _expand(pattern: str) -> list[Path]:
-    """A folder (its images, sorted), a glob (its matches that are images) or one file."""
+def _say_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _folder(folder: Path, recursive: bool) -> tuple[list[Path], list[str]]:
+    """A folder's images (sorted; with ``recursive`` its subfolders' too, symlinked folders not followed) and what
+    was skipped, in words."""
+    found: list[Path] = []
+    subfolders = links = 0
+    other: dict[str, int] = {}
+
+    def classify(path: Path) -> None:
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            found.append(path)
+        else:
+            other[path.suffix.lower() or "no extension"] = other.get(path.suffix.lower() or "no extension", 0) + 1
+
+    if recursive:
+        for dirpath, dirnames, filenames in os.walk(folder):  # followlinks=False: a link cannot loop the walk
+            links += sum((Path(dirpath) / d).is_symlink() for d in dirnames)
+            dirnames.sort()
+            for name in filenames:
+                classify(Path(dirpath) / name)
+    else:
+        for path in folder.iterdir():
+            if path.is_dir():
+                subfolders += 1
+            else:
+                classify(path)
+    skipped = []
+    if subfolders:
+        skipped.append(f"{subfolders} subfolder{'s' if subfolders > 1 else ''} (--recursive includes them)")
+    if links:
+        skipped.append(f"{links} symlinked folder{'s' if links > 1 else ''} (not followed)")
+    if other:
+        total = sum(other.values())
+        kinds = ", ".join(sorted(other)[:6]) + (", ..." if len(other) > 6 else "")
+        skipped.append(f"{total} file{'s' if total > 1 else ''} of another type ({kinds})")
+    return sorted(found), skipped
+
+
+def _expand(pattern: str, *, recursive: bool = False, say: Reporter = _say_stderr) -> list[Path]:
+    """A folder (its images, sorted), a glob (its matches that are images) or one file; what a folder or glob
+    held besides images is said in one line."""
     path = Path(pattern)
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        found, skipped = _folder(path, recursive)
         if not found:
             raise UsageError(f"no images in {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})",
-                             hint="point --images at a folder of photos, or pass a glob such as 'photos/*.jpg'")
-        return found
-    if any(ch in pattern for ch in "*?["):
-        found = sorted(Path(p) for p in glob.glob(pattern) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+                             hint="point --images at a folder of photos, or pass a glob such as 'photos/*.jpg'"
+                             + ("" if recursive else "; --recursive also looks in its subfolders"))
+    elif any(ch in pattern for ch in "*?["):
+        matches = [Path(p) for p in glob.glob(pattern, recursive=recursive)]
+        found = sorted(p for p in matches if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not found:
-            raise UsageError(f"no images match {pattern!r}", hint="check the pattern; quote it so the shell leaves it alone")
-        return found
-    return [path]
+            raise UsageError(f"no images match {preview(pattern)!r}", hint="check the pattern; quote it so the shell leaves it alone")
+        folders = sum(p.is_dir() for p in matches)
+        others = len(matches) - len(found) - folders
+        skipped = ([f"{folders} folder{'s' if folders > 1 else ''}"] if folders else []) + \
+                  ([f"{others} file{'s' if others > 1 else ''} of another type"] if others else [])
+    else:
+        return [path]
+    if skipped:
+        say(f"note: {preview(pattern)}: {len(found)} image{'s' if len(found) > 1 else ''}; skipped {', '.join(skipped)}")
+    return found
+
+
+def _unique(images: Sequence[Path], say: Reporter) -> list[Path]:
+    """``images`` without the files named twice (two globs, a file and its folder, a symlink to it): the same
+    resolved file runs once, under the name given first."""
+    first: dict[Path, Path] = {}
+    repeats: list[str] = []
+    for image in images:
+        try:
+            key = image.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: it fails later, as a run, with its own error
+            key = image
+        if key in first:
+            repeats.append(f"{preview(str(image), 60)} " + (f"= {preview(str(first[key]), 60)}" if image != first[key]
+                                                            else "(again)"))
+            continue
+        first[key] = image
+    if repeats:
+        shown = "; ".join(repeats[:3]) + ("; ..." if len(repeats) > 3 else "")
+        say(f"note: {len(repeats)} image{'s' if len(repeats) > 1 else ''} named more than once, run once: {shown}")
+    return list(first.values())
+
+
+def _inside_root(out_root: Path, run_dir: Path, given: str) -> Path:
+    """``run_dir`` if it stays inside ``out_root`` once resolved (``..`` and symlinks followed) and is not the
+    root itself; the path is returned under ``out_root`` without ``..``. ValueError saying why otherwise."""
+    root = Path(out_root).resolve()
+    try:
+        resolved = (root / run_dir).resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise ValueError(f"'out' {given!r} cannot be resolved (a symlink loop?)") from None
+    try:
+        rel = resolved.relative_to(root)
+    except ValueError:
+        raise ValueError(f"'out' {given!r} leads outside the batch root {preview(str(out_root))} "
+                         f"({'an absolute path' if Path(run_dir).is_absolute() else '.. or a symlink'}); "
+                         "give a path inside it, e.g. 'kitchen/001'") from None
+    if rel == Path("."):
+        raise ValueError(f"'out' {given!r} is the batch root itself; give a folder inside it, e.g. 'kitchen/001'")
+    return Path(out_root) / rel
+
+
+def _line_run_dir(out_root: Path, out: Any) -> Path:
+    """A line's ``out``: a relative path that stays inside the batch root (see :func:`_inside_root`). An absolute
+    path is accepted only inside the root (the shard lines of ``--executor slurm`` are written that way)."""
+    if not isinstance(out, str):
+        raise ValueError(f"'out' must be a path (a string), not {type(out).__name__}")
+    given = preview(out, 60)
+    if "\0" in out or len(out) > _MAX_PATH_CHARS:
+        raise ValueError(f"'out' {given!r} is not a usable path (a NUL character, or over {_MAX_PATH_CHARS} characters)")
+    if len(Path(out).parts) > MAX_DEPTH:  # thousands of nested folders are legal, and a burden to every tool after
+        raise ValueError(f"'out' {given!r} has more than {MAX_DEPTH} folder levels; give a short path such as 'kitchen/001'")
+    return _inside_root(out_root, Path(out), given)
 
 
 def _run_dir(out_root: Path, image: Path, query: str | None, prompts: Sequence[str], overrides: Sequence[str]) -> Path:
     from pipeline.api import default_run_dir, run_key
 
     key = run_key(query, prompts) + "".join(f"\n{o}" for o in sorted(overrides))
-    return default_run_dir(_with_root(out_root), image, key)
+    run_dir = default_run_dir(_with_root(out_root), image, key)
+    return _inside_root(out_root, run_dir.relative_to(out_root), run_dir.name)  # a symlink put there may lead out
 
 
 def _with_root(out_root: Path) -> PipelineConfig:
@@ -123,21 +235,38 @@ def _overrides(row: dict[str, Any]) -> tuple[str, ...]:
             continue
         dotted = SHORTCUTS.get(key, key)
         if "." not in dotted:
-            raise ValueError(f"unknown option {key!r} (use a dotted config key or one of {', '.join(SHORTCUTS)})")
+            raise ValueError(f"unknown option {preview(key)!r} (use a dotted config key or one of {', '.join(SHORTCUTS)})")
         out.append(f"{dotted}={json.dumps(value) if not isinstance(value, str) else value}")
     return tuple(out)
 
 
+def _text(row: dict[str, Any], key: str) -> str | None:
+    value = row.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) and not (key == "prompt" and isinstance(value, list)
+                                           and all(isinstance(v, str) for v in value)):
+        raise ValueError(f"'{key}' must be {'text or a list of phrases' if key == 'prompt' else 'text'}, "
+                         f"not {type(value).__name__}")
+    return value
+
+
 def _item_from_row(row: dict[str, Any], source: str, base: Path, out_root: Path, query: str | None,
-                   prompts: tuple[str, ...]) -> BatchItem:
-    image = row.get("image")
+                   prompts: tuple[str, ...], limits: RequestLimits) -> BatchItem:
+    image = _text(row, "image")
     if not image:
         raise ValueError("no 'image'")
-    image_path = Path(str(image)).expanduser()
+    if "\0" in image or len(image) > _MAX_PATH_CHARS:
+        raise ValueError(f"'image' {preview(image, 60)!r} is not a usable path (a NUL character, or over "
+                         f"{_MAX_PATH_CHARS} characters)")
+    image_path = Path(image).expanduser()
     if not image_path.is_absolute():
         image_path = base / image_path
-    line_query = row.get("query") or None
-    line_prompts = split_phrases(row["prompt"]) if row.get("prompt") else ()
+    try:  # run.limits, as for --query/--prompt
+        text = check_request_text(_text(row, "query"), _text(row, "prompt"), limits)
+    except UsageError as exc:
+        raise ValueError(exc.message) from None
+    line_query, line_prompts, notes = text.query, text.prompts, text.notes
     if line_query is not None and line_prompts:
         raise ValueError("both 'query' and 'prompt'; give one")
     if line_query is None and not line_prompts:
@@ -145,27 +274,95 @@ def _item_from_row(row: dict[str, Any], source: str, base: Path, out_root: Path,
     if line_query is None and not line_prompts:
         raise ValueError("no 'query' or 'prompt' (and none given on the command line)")
     overrides = _overrides(row)
-    run_dir = out_root / str(row["out"]) if row.get("out") else _run_dir(out_root, image_path, line_query, line_prompts, overrides)
-    return BatchItem(source, image_path, line_query, line_prompts, overrides, run_dir)
+    out = row.get("out")
+    run_dir = (_line_run_dir(out_root, out) if out not in (None, "")
+               else _run_dir(out_root, image_path, line_query, line_prompts, overrides))
+    return BatchItem(source, image_path, line_query, line_prompts, overrides, run_dir, notes=notes)
+
+
+def _lines(list_file: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, error) per line, read as bytes: a line over :data:`MAX_LINE_BYTES` or one that is not
+    UTF-8 comes as its error (the file's byte offset named), so one bad line never stops the others."""
+    with open(list_file, "rb") as fh:
+        n = 0
+        while True:
+            offset = fh.tell()
+            raw = fh.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            n += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (more := fh.readline(MAX_LINE_BYTES)) and not more.endswith(b"\n"):
+                    pass  # the rest of the long line is skipped unread
+                yield n, None, f"line is longer than {MAX_LINE_BYTES // 1024} KB (one JSON object or CSV row per line)"
+                continue
+            try:
+                yield n, raw.decode("utf-8"), None
+            except UnicodeDecodeError as exc:
+                yield n, None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {offset + exc.start} of the file)"
+
+
+def _json_row(line: str) -> dict[str, Any] | str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return f"not usable JSON (nested deeper than {MAX_DEPTH} levels)"
+    except ValueError as exc:  # e.g. an int of more than 4300 digits
+        return f"not usable JSON ({preview(str(exc))})"
+    if not isinstance(row, dict):
+        return f"not a JSON object ({type(row).__name__})"
+    try:
+        check_shape(row, "the line")
+    except PipelineError as exc:
+        return exc.message
+    return row
+
+
+def _csv_rows(list_file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    errors: list[tuple[int, str]] = []
+
+    def texts() -> Iterator[str]:
+        for n, text, error in _lines(list_file):
+            if error is not None:
+                errors.append((n, error))
+                yield "\n"  # an empty row: the reader skips it, the error is reported in its place
+            else:
+                yield text or ""
+
+    reader = csv.reader(texts())
+    header: list[str] | None = None
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            errors.append((reader.line_num, f"not valid CSV ({preview(str(exc))})"))
+            continue
+        yield from ((n, e) for n, e in errors)
+        errors.clear()
+        if not values:
+            continue
+        if header is None:
+            header = [v.strip() for v in values]
+            continue
+        row = {k: v.strip() for k, v in zip(header, values) if k}
+        yield reader.line_num, row
+    yield from ((n, e) for n, e in errors)
 
 
 def _rows(list_file: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line number, row) for each non-empty line; a row that cannot be parsed comes as its error text."""
     if list_file.suffix.lower() == ".csv":
-        with open(list_file, newline="", encoding="utf-8") as fh:
-            for n, row in enumerate(csv.DictReader(fh), start=2):
-                yield n, {k.strip(): v.strip() if isinstance(v, str) else v for k, v in row.items() if k}
+        yield from _csv_rows(list_file)
         return
-    with open(list_file, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield n, f"not valid JSON ({exc.msg} at column {exc.colno})"
-                continue
-            yield n, row if isinstance(row, dict) else f"not a JSON object ({type(row).__name__})"
+    for n, line, error in _lines(list_file):
+        if error is not None:
+            yield n, error
+        elif line is not None and line.strip() and not line.lstrip().startswith("#"):
+            yield n, _json_row(line)
 
 
 def read_items(
@@ -175,12 +372,24 @@ def read_items(
     query: str | None = None,
     prompts: Sequence[str] = (),
     out_root: Path,
+    recursive: bool = False,
+    limits: RequestLimits | None = None,
+    say: Reporter = _say_stderr,
 ) -> list[BatchItem]:
-    """The batch's items, in order. Usage errors (no images, unreadable list) raise; bad lines become items
-    with an ``error``."""
-    prompts = split_phrases(prompts) if prompts else ()
+    """The batch's items, in order. Usage errors (no images, unreadable list, a command-line query or prompt over
+    ``limits``) raise; bad lines become items with an ``error``. ``say`` gets the notes (files skipped or named
+    twice, repeated phrases dropped), one line each."""
+    limits = limits or RequestLimits()
     if bool(images) == (list_file is not None):
         raise UsageError("give either --images DIR|GLOB ... or --list FILE", hint="e.g. --images photos/ --prompt horse")
+    notes: tuple[str, ...] = ()
+    if query is not None or prompts:
+        text = check_request_text(query, prompts, limits)
+        query, prompts, notes = text.query, text.prompts, text.notes
+        for note in notes:
+            say(f"note: {note}")
+    else:
+        prompts = ()
     items: list[BatchItem] = []
     if list_file is not None:
         if not list_file.is_file():
@@ -191,18 +400,27 @@ def read_items(
                 items.append(BatchItem(source, None, None, (), (), out_root, error=row))
                 continue
             try:
-                items.append(_item_from_row(row, source, list_file.parent, out_root, query, prompts))
+                item = _item_from_row(row, source, list_file.parent, out_root, query, tuple(prompts), limits)
             except ValueError as exc:
                 items.append(BatchItem(source, None, None, (), (), out_root, error=str(exc)))
+                continue
+            items.append(item)
+            for note in item.notes:
+                say(f"{source}: note: {note}")
         if not items:
             raise UsageError(f"{list_file} has no lines", hint="one JSON object per line, e.g. {\"image\": \"a.jpg\", \"prompt\": \"horse\"}")
         return items
     if (query is None) == (not prompts):
         raise UsageError("give exactly one of --query TEXT or --prompt TEXT for the images",
                          hint="or use --list FILE whose lines carry their own query or prompt")
-    for pattern in images:
-        for image in _expand(pattern):
-            items.append(BatchItem(str(image), image, query, prompts, (), _run_dir(out_root, image, query, prompts, ())))
+    found = [image for pattern in images for image in _expand(pattern, recursive=recursive, say=say)]
+    for image in _unique(found, say):
+        try:
+            run_dir = _run_dir(out_root, image, query, prompts, ())
+        except ValueError as exc:
+            items.append(BatchItem(str(image), None, None, (), (), out_root, error=str(exc)))
+            continue
+        items.append(BatchItem(str(image), image, query, tuple(prompts), (), run_dir, notes=notes))
     return items
 
 

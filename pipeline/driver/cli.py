@@ -152,16 +152,19 @@ def _rerun_args(args: argparse.Namespace) -> tuple[frozenset[str], str | None]:
 
 
 def _cmd_run(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from pipeline.driver.runner import RunRequest, split_phrases, validate_request
+    from pipeline.driver.runner import RunRequest, check_request_text, validate_request
 
     if args.query is None and not args.prompt:
         raise UsageError("give one of --query TEXT or --prompt TEXT", hint="e.g. --prompt horse, or --query 'the two horses on the left'")
-    prompts = split_phrases(args.prompt)
+    text = check_request_text(args.query, args.prompt, config.run.limits)
     force, from_stage = _rerun_args(args)
-    run_dir = args.out or default_run_dir(config, args.image, run_key(args.query, prompts))
-    req = RunRequest(run_dir=Path(run_dir), stages=args.stages, image=args.image, query=args.query,
-                     prompts=prompts, force=force, from_stage=from_stage, dry_run=args.dry_run)
-    validate_request(req)
+    run_dir = args.out or default_run_dir(config, args.image, run_key(text.query, text.prompts))
+    req = RunRequest(run_dir=Path(run_dir), stages=args.stages, image=args.image, query=text.query,
+                     prompts=text.prompts, force=force, from_stage=from_stage, dry_run=args.dry_run, notes=text.notes)
+    validate_request(req, config.run.limits)
+    if args.dry_run:  # a real run says its notes when it opens
+        for note in text.notes:
+            print(f"note: {note}", file=sys.stderr)
     return _execute(req, config)
 
 
@@ -193,9 +196,12 @@ def _execute(req, config: PipelineConfig) -> int:  # noqa: ANN001 - RunRequest, 
 def _add_batch_command(sub: Any, common: argparse.ArgumentParser) -> None:
     batch = sub.add_parser("batch", parents=[common], help="many images through warm workers, one run directory each")
     src = batch.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", nargs="+", metavar="DIR|GLOB|FILE", help="image folders, globs ('photos/*.jpg') or files")
+    src.add_argument("--images", nargs="+", metavar="DIR|GLOB|FILE",
+                     help="image folders, globs ('photos/*.jpg') or files; a file named twice runs once")
     src.add_argument("--list", type=Path, metavar="FILE", dest="list_file",
                      help="JSONL or CSV: per line image, query or prompt, optional out and options (see README)")
+    batch.add_argument("--recursive", action="store_true",
+                       help="with --images: also the images in subfolders (and '**' in globs); symlinked folders are not followed")
     group = batch.add_mutually_exclusive_group()
     group.add_argument("--query", help="the query for every image (lines of --list may carry their own)")
     group.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="phrase(s) for every image (repeatable; commas split)")
@@ -217,13 +223,14 @@ def _add_batch_command(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _cmd_batch(args: argparse.Namespace, config: PipelineConfig) -> int:
     from pipeline.driver.batch import SUMMARY_NAME, read_items, run_batch
-    from pipeline.driver.runner import split_phrases
 
     force, from_stage = _rerun_args(args)
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     check_stage_names(stages, "--stages")
-    items = read_items(images=args.images or (), list_file=args.list_file, query=args.query,
-                       prompts=split_phrases(args.prompt), out_root=args.out)
+    if args.recursive and not args.images:
+        raise UsageError("--recursive goes with --images DIR", hint="list the images of subfolders in the --list file")
+    items = read_items(images=args.images or (), list_file=args.list_file, query=args.query, prompts=args.prompt,
+                       out_root=args.out, recursive=args.recursive, limits=config.run.limits)
     summary = args.summary or args.out / SUMMARY_NAME
     ordered = tuple(s for s in STAGE_NAMES if s in stages)
     if args.executor == "slurm":

@@ -8,7 +8,9 @@ started here: :mod:`pipeline.driver.engine` owns them and drives an :class:`Acti
 
 from __future__ import annotations
 
+import importlib.machinery
 import platform
+import shutil
 import sys
 import time
 import uuid
@@ -18,9 +20,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipeline.atomic import write_json_atomic
-from pipeline.config import STAGE_NAMES, PipelineConfig
-from pipeline.driver.envs import resolve_env
-from pipeline.errors import InputError, ManifestError, UsageError
+from pipeline.backends import BUILTIN_BACKENDS
+from pipeline.config import PROJECT_ROOT, STAGE_NAMES, PipelineConfig, RequestLimits, preview
+from pipeline.driver.envs import Env, resolve_env
+from pipeline.errors import ConfigError, EnvNotFound, InputError, ManifestError, UsageError
 from pipeline.driver.fingerprint import code_version, fingerprint, section_params
 from pipeline.handoff import (
     LOGS_DIR,
@@ -44,7 +47,7 @@ from pipeline.driver.plan import Decision, RecordedOutputs, decide, stages_from
 from pipeline.stages.protocol import Job
 
 __all__ = ["RunRequest", "StageOutcome", "RunOutcome", "Runner", "ActiveRun", "CONFIG_NAME", "validate_request",
-           "PhotoSource", "split_phrases"]
+           "PhotoSource", "split_phrases", "RequestText", "check_request_text", "check_backend"]
 
 CONFIG_NAME = "config.json"
 Reporter = Callable[[str], None]
@@ -66,6 +69,7 @@ class RunRequest:
     dry_run: bool = False
     masks_dir: Path | None = None  # import these masks instead of running the segment stage
     config: PipelineConfig | None = None  # this request's resolved config; None: the engine's or runner's
+    notes: tuple[str, ...] = ()  # what check_request_text changed (repeated phrases dropped); said when it opens
 
     @property
     def mode(self) -> str:
@@ -97,8 +101,55 @@ def split_phrases(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(p.strip() for v in values for p in str(v).split(",") if p.strip())
 
 
-def validate_request(req: RunRequest) -> None:
-    """Reject contradictory or empty requests with a usage error."""
+@dataclass(frozen=True)
+class RequestText:
+    """A request's query or phrases after :func:`check_request_text`, and a note for each thing it changed."""
+
+    query: str | None
+    prompts: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
+def _phrase_key(phrase: str) -> str:
+    return " ".join(phrase.split()).casefold()
+
+
+def check_request_text(query: str | None, prompt: str | Sequence[str] | None, limits: RequestLimits) -> RequestText:
+    """The one place the request limits (``run.limits``) are applied, for the CLI, ``--list`` lines, the Python API
+    and the web: phrases split as :func:`split_phrases`, repeats dropped (case and spacing ignored; a note says
+    which), then the query length, the phrase count and each phrase's length checked.
+
+    Raises:
+        UsageError: a query or phrase too long, or too many phrases (one line, the limit's key in the hint).
+    """
+    phrases: list[str] = []
+    repeated: list[str] = []
+    seen: set[str] = set()
+    for phrase in split_phrases(prompt):
+        key = _phrase_key(phrase)
+        (repeated if key in seen else phrases).append(phrase)
+        seen.add(key)
+    if query is not None and len(query.strip()) > limits.max_query_chars:
+        raise UsageError(f"the query is {len(query.strip())} characters long; at most {limits.max_query_chars} are allowed",
+                         hint="shorten it to a sentence, or raise run.limits.max_query_chars")
+    if len(phrases) > limits.max_phrases:
+        raise UsageError(f"{len(phrases)} phrases given; at most {limits.max_phrases} are allowed",
+                         hint="keep the phrases that matter (commas split phrases), or raise run.limits.max_phrases")
+    for phrase in phrases:
+        if len(phrase) > limits.max_phrase_chars:
+            raise UsageError(f"the phrase {preview(phrase, 40)!r} is {len(phrase)} characters long; at most "
+                             f"{limits.max_phrase_chars} are allowed",
+                             hint="a phrase names one kind of object ('red mug'), or raise run.limits.max_phrase_chars")
+    notes = ()
+    if repeated:
+        shown = ", ".join(repr(preview(p, 40)) for p in repeated[:5]) + (", ..." if len(repeated) > 5 else "")
+        notes = (f"dropped {len(repeated)} repeated phrase{'s' if len(repeated) > 1 else ''}: {shown}",)
+    return RequestText(query, tuple(phrases), notes)
+
+
+def validate_request(req: RunRequest, limits: RequestLimits | None = None) -> None:
+    """Reject contradictory or empty requests, and those over ``limits`` (default: the request's config's
+    ``run.limits``, when it has a config), with a usage error."""
     if "segment" in req.stages and req.image is not None:
         if (req.query is None) == (not req.prompts):
             raise UsageError("give exactly one of --query TEXT or --prompt TEXT", hint="--prompt horse, or --query 'the two horses on the left'")
@@ -106,6 +157,92 @@ def validate_request(req: RunRequest) -> None:
             raise UsageError("--query is empty", hint="describe the objects to find, e.g. --query 'the red car'")
         if req.prompts and not all(p.strip() for p in req.prompts):
             raise UsageError("--prompt has an empty phrase", hint="pass short noun phrases such as --prompt horse")
+        limits = limits or (req.config.run.limits if req.config is not None else None)
+        if limits is not None:
+            check_request_text(req.query, req.prompts, limits)
+
+
+def _module_file(module: str, roots: Sequence[Path]) -> Path | None:
+    """The file that would define ``module`` under one of ``roots`` (source, package or extension), found by
+    looking at the file system only: nothing is imported, not even the module's parent packages."""
+    parts = module.split(".")
+    for root in roots:
+        base = root.joinpath(*parts)
+        for candidate in (base.parent / f"{parts[-1]}.py", base / "__init__.py",
+                          *(base.parent / f"{parts[-1]}{ext}" for ext in importlib.machinery.EXTENSION_SUFFIXES)):
+            try:
+                if candidate.is_file():
+                    return candidate
+            except OSError:  # a name too long for the file system cannot be a module either
+                continue
+    return None
+
+
+def _import_roots(env: Env) -> list[Path] | None:
+    """Where the stage worker of ``env`` imports from (the project root first), or None when that cannot be
+    told without running the env's interpreter (no site-packages where expected, or the import hooks of editable
+    installs, ``__editable__*.pth``; other ``import`` lines of .pth files add no folder and are skipped)."""
+    roots = [PROJECT_ROOT]
+    if env.kind == "current":
+        return roots + [Path(p or ".") for p in sys.path]
+    site = sorted(env.prefix.glob("lib/python*/site-packages"))
+    if not site:
+        return None
+    for folder in site:
+        roots.append(folder)
+        for pth in sorted(folder.glob("*.pth")):
+            try:
+                lines = pth.read_text(encoding="utf-8", errors="replace").splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                if line.startswith(("import ", "import\t")):
+                    if pth.name.startswith("__editable__") or "__editable__" in line:
+                        return None
+                    continue
+                if line.strip() and not line.startswith("#"):
+                    path = Path(line.strip())
+                    roots.append(path if path.is_absolute() else folder / path)
+    return roots
+
+
+def check_backend(config: PipelineConfig, stage: str, env: Env) -> None:
+    """ConfigError when a ``package.module:Class`` backend's module cannot be found in the project or on the import
+    path of the stage's env (built-in names always pass). Nothing is imported: the module may need the env."""
+    backend = config.stage(stage).backend
+    if backend in BUILTIN_BACKENDS[stage]:
+        return
+    module = backend.partition(":")[0]
+    roots = _import_roots(env)
+    if roots is None or _module_file(module, roots) is not None:
+        return
+    raise ConfigError(
+        f"{stage} backend {preview(backend)!r}: no module {preview(module)!r} in {PROJECT_ROOT} or on the import path "
+        f"of env '{env.name}'",
+        hint=f"install it into the {env.name} env, or fix {stage}.backend (a built-in name or package.module:Class)",
+    )
+
+
+def _check_vlm(config: PipelineConfig) -> None:
+    """EnvNotFound when query mode would have to start ``vllm serve`` and cannot: no vllm env (or no ``vllm`` in it)
+    and no server already answering at ``vlm.host:vlm.port``."""
+    try:
+        env = resolve_env(config, config.vlm.env)
+    except EnvNotFound as exc:
+        missing = exc
+    else:
+        if (env.bin_dir / "vllm").exists():
+            return
+        missing = EnvNotFound(
+            f"env '{config.vlm.env}' at {env.prefix} has no vllm executable",
+            hint=f"create it with `python -m pipeline envs create {config.vlm.env}`, or set vlm.url to an external server")
+    from pipeline.driver.vlm_server import probe, root_url
+
+    found = probe(root_url(config), key=config.vlm.api_key())
+    if found.healthy and found.serves(config.vlm.served_name):
+        return  # a server started earlier (`vlm serve --detach`) is reused; the env is not needed
+    raise EnvNotFound(f"query mode needs the VLM: {missing.message}",
+                      hint=missing.hint or "set vlm.url to an external server, or use --prompt")
 
 
 class Runner:
@@ -236,7 +373,9 @@ class Runner:
             if not d.runs:
                 continue
             section = self.config.stage(d.stage)
-            resolve_env(self.config, section.env)
+            check_backend(self.config, d.stage, resolve_env(self.config, section.env))
+            if d.stage == "segment" and req.mode == "query" and self.config.vlm.url is None:
+                _check_vlm(self.config)
             if d.stage == "reconstruct" and "segment" not in req.stages and req.masks_dir is None:
                 if not (req.run_dir / MASKS_DIR / MANIFEST_NAME).exists():
                     raise InputError(
@@ -304,9 +443,10 @@ class Runner:
         """
         if req.dry_run:
             raise UsageError("a dry run plans only: use Runner.plan()")
-        validate_request(req)
+        validate_request(req, self.config.run.limits)
         image_id, photo = self._image(req)
         self._preflight(req, image_id, photo)
+        created = _topmost_missing(req.run_dir)
         stack = ExitStack()
         stack.enter_context(run_lock(req.run_dir))
         try:
@@ -316,7 +456,11 @@ class Runner:
             write_json_atomic(req.run_dir / CONFIG_NAME, self.config.model_dump(mode="json"))
         except BaseException:
             stack.close()
+            if created is not None:  # folders this run made hold only what it wrote; existing ones are left alone
+                shutil.rmtree(created, ignore_errors=True)
             raise
+        for note in req.notes:
+            self.say(f"note: {note}")
         return ActiveRun(self, req, record, image_id, stack)
 
 class ActiveRun:
@@ -437,10 +581,18 @@ class ActiveRun:
         self.runner._save_record(self.run_dir, self.record)
 
 
+def _topmost_missing(path: Path) -> Path | None:
+    """The highest of ``path`` and its parents that does not exist yet (what ``mkdir(parents=True)`` creates)."""
+    path = Path(path).absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def _remove_partials(run_dir: Path) -> None:
     """Delete the staging directories (``*.partial``) a failed or killed worker left behind."""
-    import shutil
-
     for path in run_dir.glob("*.partial"):
         shutil.rmtree(path, ignore_errors=True)
 

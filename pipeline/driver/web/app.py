@@ -41,8 +41,6 @@ log = logging.getLogger("pipeline.web")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 EngineFactory = Callable[[PipelineConfig, Callable[[Any], None]], Any]
 Frame = Literal["opencv", "opengl", "pytorch3d"]
-_MAX_TEXT = 500
-_MAX_PHRASES = 16
 _HEARTBEAT_S = 15.0
 
 
@@ -85,14 +83,16 @@ class JobService:
                      options: dict[str, Any], source: str = "api") -> Job:
         """Validate and queue one job; raises HTTPException with a one-line error and a hint."""
         query = query.strip() if query is not None else None
-        from pipeline.driver.runner import split_phrases
+        from pipeline.driver.runner import check_request_text, split_phrases
 
-        prompts = split_phrases(prompt) if prompt is not None else ()
-        if (query is None or not query) == (not prompts):
+        if (query is None or not query) == (not split_phrases(prompt)):
             raise _error(422, "give exactly one of 'query' or 'prompt'",
                          "prompt: noun phrases for the segmenter ('red cube, blue ball'); query: a sentence for the VLM agent")
-        if len(query or "") > _MAX_TEXT or len(prompt or "") > _MAX_TEXT or len(prompts) > _MAX_PHRASES:
-            raise _error(422, f"query or prompt too long (at most {_MAX_TEXT} characters, {_MAX_PHRASES} phrases)")
+        try:  # the limits of run.limits, as on the command line
+            text = check_request_text(query or None, prompt, self.config.run.limits)
+        except PipelineError as exc:
+            raise _error(422, exc.message, exc.hint) from None
+        prompts = text.prompts
         if query and self.settings.demo:
             raise _error(422, "query mode needs the VLM, which the demo server does not run",
                          "use a prompt: any phrase gets the photo's salient objects, colour words ('red, white') pick among them")
@@ -120,13 +120,15 @@ class JobService:
             name = Path(client_name or "").name[:120] or None  # shown to the user only, never a path
             job = self.store.create(job_id, {
                 "mode": "query" if query else "prompt", "query": query or None, "prompts": list(prompts),
+                "notes": list(text.notes),
                 "options": {k: v for k, v in options.items() if v is not None}, "source": source,
                 "demo": self.settings.demo,
                 "upload": {"name": name, "format": info.format, "bytes": info.bytes, "width": info.width, "height": info.height},
             })
             from pipeline.driver.runner import RunRequest
 
-            request = RunRequest(run_dir=run_dir, image=upload, query=query or None, prompts=prompts, config=config)
+            request = RunRequest(run_dir=run_dir, image=upload, query=query or None, prompts=prompts, config=config,
+                                 notes=text.notes)
             try:
                 job.handle = await run_in_threadpool(self.engine.submit, request)
             except PipelineError as exc:
