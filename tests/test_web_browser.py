@@ -128,9 +128,10 @@ def test_page_upload_view_toggle_download(page_server: Server, tmp_path: Path) -
     assert any(n.endswith("scene/scene.glb") for n in names) and any(n.endswith("objects/001/gaussians.ply") for n in names)
 
 
-def test_an_ordinary_photo_gives_splats_and_a_mesh_in_its_colours(page_server: Server) -> None:
-    """A shipped sample photo (a red cup on a saucer, JPEG) with a plain phrase: the demo finds an object and the
-    3D view shows it in the photo's colours, in splat mode and in mesh mode."""
+def test_an_ordinary_photo_gives_splats_and_a_mesh_in_its_colours(page_server: Server, tmp_path: Path) -> None:
+    """A shipped sample photo (a red cup on a saucer, JPEG) with a plain phrase and two more formats: the demo
+    finds an object, the 3D view shows it in the photo's colours in splat mode and in mesh mode, and the downloads
+    give the OBJ files as a zip and the scene's USDZ."""
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -140,11 +141,14 @@ def test_an_ordinary_photo_gives_splats_and_a_mesh_in_its_colours(page_server: S
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--no-sandbox"])
         try:
-            page = browser.new_page(viewport={"width": 1366, "height": 768})
+            page = browser.new_page(viewport={"width": 1366, "height": 768}, accept_downloads=True)
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(page_server.url + "/")
             page.set_input_files("#file", str(photo))
             page.fill("#text", "cup")
+            page.click("details summary")  # the options: two more formats
+            page.check("#exports input[value=obj]")
+            page.check("#exports input[value=usdz]")
             page.click("#submit")
             page.wait_for_selector("#job-state[data-state=succeeded]", timeout=120_000)
             page.wait_for_selector("body[data-viewer=ready]", timeout=120_000)
@@ -155,8 +159,19 @@ def test_an_ordinary_photo_gives_splats_and_a_mesh_in_its_colours(page_server: S
             page.click("#mode-mesh")
             page.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(r, 300))))")
             mesh_png = view.screenshot()
+            saved: dict[str, Path] = {}
+            for selector, target in (("#downloads a[data-name$='-obj.zip']", "obj.zip"), ("#downloads a[data-name='scene.usdz']", "scene.usdz")):
+                with page.expect_download() as info:
+                    page.click(selector)
+                saved[target] = tmp_path / target
+                info.value.save_as(saved[target])
         finally:
             browser.close()
+    names = zipfile.ZipFile(saved["obj.zip"]).namelist()
+    assert any(n.endswith("scene/scene.obj") for n in names) and any(n.endswith("scene/scene.mtl") for n in names)
+    assert any(n.endswith("objects/000/mesh.obj") for n in names) and any(n.endswith(".png") for n in names)
+    assert "gaussians.ply" not in " ".join(names), "the format's zip holds that format's files only"
+    assert any(n.endswith((".usdc", ".usda", ".usd")) for n in zipfile.ZipFile(saved["scene.usdz"]).namelist())
     (ARTIFACTS / "photo-splats.png").write_bytes(splat_png)
     (ARTIFACTS / "photo-mesh.png").write_bytes(mesh_png)
     assert not errors, errors
