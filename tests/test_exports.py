@@ -221,12 +221,12 @@ def test_bakes_are_memoised_by_content(tmp_path, monkeypatch):
 def test_obj_object_round_trip(tmp_path):
     obj = make_object(5)
     written = write_object(obj, "obj", tmp_path, frame="opencv", texture_size=256)
-    assert [p.name for p in written] == ["mesh.obj", "mesh_texture.png", "mesh.mtl"]
-    assert sorted(os.listdir(tmp_path)) == ["mesh.mtl", "mesh.obj", "mesh_texture.png"]
-    mtl = (tmp_path / "mesh.mtl").read_text()
-    assert "map_Kd mesh_texture.png" in mtl and "Ks 0.0" in mtl
-    assert "mtllib mesh.mtl" in (tmp_path / "mesh.obj").read_text()
-    loaded = trimesh.load(tmp_path / "mesh.obj", process=False)
+    assert [p.name for p in written] == ["object.obj", "object_texture.png", "object.mtl"]
+    assert sorted(os.listdir(tmp_path)) == ["object.mtl", "object.obj", "object_texture.png"]
+    mtl = (tmp_path / "object.mtl").read_text()
+    assert "map_Kd object_texture.png" in mtl and "Ks 0.0" in mtl
+    assert "mtllib object.mtl" in (tmp_path / "object.obj").read_text()
+    loaded = trimesh.load(tmp_path / "object.obj", process=False)
     assert len(loaded.vertices) == baked_vertex_count(obj, 256)
     assert len(loaded.faces) == len(obj.mesh.faces)
     np.testing.assert_allclose(bbox(loaded.vertices), bbox(posed_points(obj)), atol=1e-5)
@@ -463,7 +463,7 @@ def test_files_appear_only_complete(tmp_path, monkeypatch):
     monkeypatch.setattr(exports.os, "replace", fail_second)
     with pytest.raises(OSError, match="disk full"):
         write_object(obj, "obj", tmp_path / "obj", frame="opencv", texture_size=64)
-    assert sorted(os.listdir(tmp_path / "obj")) == ["mesh_texture.png"]
+    assert sorted(os.listdir(tmp_path / "obj")) == ["object_texture.png"]
     monkeypatch.undo()
     # USD packaging failing: no usdz, no temporary file
     from pxr import UsdUtils

@@ -169,7 +169,7 @@ def test_an_ordinary_photo_gives_splats_and_a_mesh_in_its_colours(page_server: S
             browser.close()
     names = zipfile.ZipFile(saved["obj.zip"]).namelist()
     assert any(n.endswith("scene/scene.obj") for n in names) and any(n.endswith("scene/scene.mtl") for n in names)
-    assert any(n.endswith("objects/000/mesh.obj") for n in names) and any(n.endswith(".png") for n in names)
+    assert any(n.endswith("objects/000/object.obj") for n in names) and any(n.endswith(".png") for n in names)
     assert "gaussians.ply" not in " ".join(names), "the format's zip holds that format's files only"
     assert any(n.endswith((".usdc", ".usda", ".usd")) for n in zipfile.ZipFile(saved["scene.usdz"]).namelist())
     (ARTIFACTS / "photo-splats.png").write_bytes(splat_png)

@@ -7,7 +7,7 @@ frame, so the per-object files of a run assemble into the scene when imported to
 
 Files (``objects/NNN/`` for one object, ``scene/`` for the scene; names in :data:`FILE_NAMES`):
 
-- ``obj``: ``mesh.obj`` + ``mesh.mtl`` + ``mesh_texture.png`` / ``scene.obj`` + ``scene.mtl`` +
+- ``obj``: ``object.obj`` + ``object.mtl`` + ``object_texture.png`` / ``scene.obj`` + ``scene.mtl`` +
   ``scene_<name>.png`` (one ``o`` group, material and texture per object). Vertex positions in the scene frame;
   the MTL names its PNG relatively; matte material (Ka 0, Kd 1, Ks 0). Written by trimesh's exporter.
 - ``stl``: ``mesh.stl`` / ``scene.stl``, binary, in the scene frame, in the pose's units (metres when the depth
@@ -30,10 +30,11 @@ Files (``objects/NNN/`` for one object, ``scene/`` for the scene; names in :data
   glTF's default material is fully metallic), the frame in the scene extras.
 
 Textures (:func:`bake_texture`): xatlas unwraps the mesh (charts capped at ~500 faces each, which keeps the
-unwrap near-linear: ~1 s for 100k faces instead of a minute), triangle ids are rasterised in UV space (PIL) and
-every covered texel gets its colour from barycentric interpolation of the vertex colours or, when the object has
-Gaussians, from its Gaussians (preferred: they carry the colour SAM 3D Objects optimised; the mesh's vertex
-colours are a lower-resolution decode): the k = 8 nearest centres (scipy cKDTree), each weighted by its opacity
+unwrap near-linear: ~2 s for 100k faces of a marching-cubes surface instead of minutes; meshes full of slivers,
+such as a 200k-face UV sphere's pole fans, still take minutes in xatlas), triangle ids are rasterised in UV
+space (PIL) and every covered texel gets its colour from barycentric interpolation of the vertex colours or,
+when the object has Gaussians, from its Gaussians (preferred: SAM 3D Objects' own texture bake takes the colour
+from its Gaussians too): the k = 8 nearest centres (scipy cKDTree), each weighted by its opacity
 times its unnormalised kernel ``exp(-½ d²)`` with the Mahalanobis distance of its anisotropic covariance widened
 by the texel's squared distance to the nearest centre (so the nearest Gaussian always counts); Gaussians with
 opacity below 0.05 are ignored. Empty texels take the colour of the nearest covered texel (all of them, not a
@@ -49,7 +50,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import io
 import logging
 import os
 import re
@@ -84,7 +84,7 @@ FORMATS: Final[dict[str, str]] = {
 
 #: Per format: (main file for one object, main file for the scene).
 FILE_NAMES: Final[dict[str, tuple[str, str]]] = {
-    "obj": ("mesh.obj", "scene.obj"),
+    "obj": ("object.obj", "scene.obj"),  # not mesh.obj: reconstruct.sam3d.export_obj writes that (canonical frame)
     "stl": ("mesh.stl", "scene.stl"),
     "usdz": ("object.usdz", "scene.usdz"),
     "glb-textured": ("mesh_textured.glb", "scene_textured.glb"),
@@ -275,7 +275,7 @@ def _bake(mesh: trimesh.Trimesh, size: int, gaussians: GaussianSet | None, gauss
         source = "vertex colours"
     texels = np.zeros((size, size, 3), dtype=np.uint8)
     texels[rows, cols] = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-    image = Image.fromarray(_fill_empty(texels, ids >= 0), mode="RGB")
+    image = Image.fromarray(_fill_empty(texels, ids >= 0))  # (H, W, 3) uint8: RGB
     return _Bake(vmap=vmap, faces=faces, uv=uv, image=image, source=source)
 
 
