@@ -1,0 +1,11 @@
+"""Stub of ``igraph`` for random-weight GPU runs only (see ../../README.md): importable, raises when used."""
+
+
+def __getattr__(name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+
+    def _unavailable(*args, **kwargs):
+        raise NotImplementedError("igraph." + name + " is a stub here (random-weight GPU run); install the real igraph")
+
+    return _unavailable
