@@ -52,9 +52,11 @@ COLOR_NAMES: dict[str, tuple[int, int, int]] = {
     "brown": (115, 70, 35),
     "white": (245, 245, 245),
     "grey": (128, 128, 128),
-    "gray": (128, 128, 128),
     "black": (20, 20, 20),
 }
+
+#: Other spellings of colour names.
+_SPELLINGS = {"gray": "grey"}
 
 #: The lifter's camera: the photo's longer side spans this many degrees (the web viewer's vertical field of view).
 FOV_DEG = 50.0
@@ -192,9 +194,9 @@ class DemoSalientSegmenter(Segmenter):
     def _detect(self, phrase: str) -> Detections:
         assert self.size is not None
         w, h = self.size
-        words = set(phrase.lower().replace(",", " ").split())
+        words = {_SPELLINGS.get(w, w) for w in phrase.lower().replace(",", " ").split()}
         colours = words & set(COLOR_NAMES)
-        chosen = [r for r in self.regions if not colours or r.colour in colours or (r.colour in ("grey", "gray") and colours & {"grey", "gray"})]
+        chosen = [r for r in self.regions if not colours or r.colour in colours]
         masks = np.stack([self._full_size(r.mask) for r in chosen]) if chosen else np.zeros((0, h, w), bool)
         boxes = np.zeros((len(chosen), 4), np.float32)
         for i, mask in enumerate(masks):
