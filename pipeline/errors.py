@@ -7,6 +7,7 @@ only with ``--debug``.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "ServiceNotReady",
     "VLMError",
     "RunCancelled",
+    "OutputError",
+    "output_error",
 ]
 
 EXIT_STAGE_FAILED = 1
@@ -127,3 +130,27 @@ class RunCancelled(PipelineError):
     """A run was cancelled, or the engine stopped, while one of its stages ran; that worker was stopped."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class OutputError(PipelineError):
+    """An output could not be written: a full disk, a read-only file system, no write permission."""
+
+
+_OUTPUT_HINTS = {
+    errno.ENOSPC: "free space on that disk (df -h shows it), or write elsewhere with --out; a rerun skips what finished",
+    errno.EDQUOT: "your disk quota is used up: free some of it, or write elsewhere with --out",
+    errno.EROFS: "that file system is mounted read-only: write elsewhere with --out DIR on a writable disk",
+    errno.EACCES: "you may not write there: pass --out DIR to a folder you own",
+    errno.EPERM: "you may not write there: pass --out DIR to a folder you own",
+}
+
+
+def output_error(exc: OSError, where: Path | None = None) -> OutputError | None:
+    """The write failure ``exc`` as an :class:`OutputError` naming the file (or, when the OS error names none,
+    the folder ``where`` it was written in) and the fix; None when ``exc`` is not a write failure a user can fix
+    (full disk, quota, read-only, permission)."""
+    hint = _OUTPUT_HINTS.get(exc.errno or 0)
+    if hint is None:
+        return None
+    place = f" {exc.filename}" if exc.filename else (f" in {where}" if where is not None else "")
+    return OutputError(f"cannot write{place}: {exc.strerror or exc}", hint=hint)

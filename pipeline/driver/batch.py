@@ -8,8 +8,10 @@ recorded with its line number and skipped; the others go on.
 
 Each image's run directory is ``ROOT/<image stem>-<8 hex>`` (hash of the image path, the request and the
 per-line options), so a rerun of the same batch finds its runs and skips what is up to date. The summary
-(:func:`write_summary`, ``ROOT/batch.json`` by default) lists per image: status, objects, per-stage seconds and
-decisions, error line. Exit codes: 0 all succeeded, 1 some failed, 130 Ctrl-C, 143 SIGTERM/SIGUSR1 (a clean
+(:mod:`pipeline.driver.summary`, ``ROOT/batch.json`` by default; written when the batch starts and when it ends,
+merged with a batch running on the same root at the same time) lists per image: status, objects, per-stage
+seconds and decisions, error line; a summary that cannot be written (a full disk) is said in one line and the
+batch goes on. Exit codes: 0 all succeeded, 1 some failed or were busy in another run, 130 Ctrl-C, 143 SIGTERM/SIGUSR1 (a clean
 stop: the image in flight is abandoned and marked interrupted, finished ones are kept).
 """
 
@@ -25,16 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from pipeline.atomic import write_json_atomic
 from pipeline.config import MAX_DEPTH, STAGE_NAMES, PipelineConfig, RequestLimits, apply_overrides, check_shape, preview
 from pipeline.driver.engine import Engine, RunHandle
 from pipeline.driver.runner import RunRequest, Runner, check_request_text
-from pipeline.errors import EXIT_INTERRUPTED, EXIT_STAGE_FAILED, PipelineError, UsageError
-from pipeline.handoff import MANIFEST_NAME, MASKS_DIR, OBJECTS_DIR, MaskManifest, ObjectsManifest, load_manifest, now_iso
+from pipeline.driver.summary import ItemStatus, SummaryItem, summary_clock, write_summary
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_STAGE_FAILED, PipelineError, RunLocked, UsageError
+from pipeline.handoff import MANIFEST_NAME, MASKS_DIR, OBJECTS_DIR, MaskManifest, ObjectsManifest, load_manifest
 
 __all__ = [
     "BatchItem", "ItemResult", "SHORTCUTS", "IMAGE_SUFFIXES", "EXIT_STOPPED", "read_items", "run_batch",
-    "write_summary", "SUMMARY_NAME", "requests_for", "MAX_LINE_BYTES",
+    "SUMMARY_NAME", "requests_for", "MAX_LINE_BYTES",
 ]
 
 SUMMARY_NAME = "batch.json"
@@ -70,27 +72,22 @@ class BatchItem:
 
 @dataclass
 class ItemResult:
-    """How one image went: ``status`` is succeeded, no objects, failed, cancelled or invalid."""
+    """How one image went: ``status`` is one of :data:`~pipeline.driver.summary.ItemStatus`."""
 
     item: BatchItem
-    status: str
+    status: ItemStatus
     objects: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     decisions: dict[str, str] = field(default_factory=dict)
     error: str | None = None
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "source": self.item.source,
-            "image": str(self.item.image) if self.item.image else None,
-            "run_dir": str(self.item.run_dir),
-            "status": self.status,
-            "objects": self.objects,
-            "timings": self.timings,
-            "stages": self.decisions,
-            "error": self.error,
-            "notes": list(self.item.notes),
-        }
+    def as_item(self) -> SummaryItem:
+        """Its entry in ``batch.json``."""
+        return SummaryItem(
+            source=self.item.source, image=str(self.item.image) if self.item.image else None,
+            run_dir=str(self.item.run_dir), status=self.status, objects=self.objects, timings=self.timings,
+            stages=self.decisions, error=self.error, notes=list(self.item.notes),
+        )
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -195,8 +192,7 @@ def _inside_root(out_root: Path, run_dir: Path, given: str) -> Path:
     try:
         rel = resolved.relative_to(root)
     except ValueError:
-        raise ValueError(f"'out' {given!r} leads outside the batch root {preview(str(out_root))} "
-                         f"({'an absolute path' if Path(run_dir).is_absolute() else '.. or a symlink'}); "
+        raise ValueError(f"'out' {given!r} leads outside the batch root {preview(str(out_root))} (.. or a symlink); "
                          "give a path inside it, e.g. 'kitchen/001'") from None
     if rel == Path("."):
         raise ValueError(f"'out' {given!r} is the batch root itself; give a folder inside it, e.g. 'kitchen/001'")
@@ -204,11 +200,12 @@ def _inside_root(out_root: Path, run_dir: Path, given: str) -> Path:
 
 
 def _line_run_dir(out_root: Path, out: Any) -> Path:
-    """A line's ``out``: a relative path that stays inside the batch root (see :func:`_inside_root`). An absolute
-    path is accepted only inside the root (the shard lines of ``--executor slurm`` are written that way)."""
+    """A line's ``out``: a relative path that stays inside the batch root (see :func:`_inside_root`)."""
     if not isinstance(out, str):
         raise ValueError(f"'out' must be a path (a string), not {type(out).__name__}")
     given = preview(out, 60)
+    if Path(out).is_absolute() or out.startswith("~"):
+        raise ValueError(f"'out' {given!r} is an absolute path; give a path relative to the batch root, e.g. 'kitchen/001'")
     if "\0" in out or len(out) > _MAX_PATH_CHARS:
         raise ValueError(f"'out' {given!r} is not a usable path (a NUL character, or over {_MAX_PATH_CHARS} characters)")
     if len(Path(out).parts) > MAX_DEPTH:  # thousands of nested folders are legal, and a burden to every tool after
@@ -456,7 +453,8 @@ def _finished(item: BatchItem, handle: RunHandle) -> ItemResult:
     decisions = {s.decision.stage: f"{s.decision.action} ({s.decision.reason})" for s in outcome.stages} if outcome else {}
     if handle.state != "succeeded":
         error = handle.error.message if handle.error else handle.state
-        return ItemResult(item, handle.state, 0, timings, decisions, error)
+        status: ItemStatus = "busy" if isinstance(handle.error, RunLocked) else handle.state  # type: ignore[assignment]
+        return ItemResult(item, status, 0, timings, decisions, error)
     objects, reason = _count_objects(item.run_dir)
     return ItemResult(item, "succeeded" if objects else "no objects", objects, timings, decisions, reason)
 
@@ -471,17 +469,6 @@ def _count_objects(run_dir: Path) -> tuple[int, str | None]:
         return (len(masks.objects), masks.reason) if masks else (0, None)
     except PipelineError as exc:
         return 0, exc.message
-
-
-def write_summary(path: Path, results: Sequence[ItemResult], *, started: str, stopped: str | None) -> None:
-    """``batch.json``: counts by status and one entry per image (written atomically)."""
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    write_json_atomic(path, {
-        "schema_version": 1, "started": started, "ended": now_iso(), "stopped": stopped,
-        "counts": counts, "items": [r.as_json() for r in results],
-    })
 
 
 def run_batch(
@@ -501,7 +488,9 @@ def run_batch(
     pairs = list(requests_for(items, config, stages, force, from_stage))
     if dry_run:
         return _print_plan(pairs)
-    started = now_iso()
+    started = summary_clock()
+    # if this one cannot be written, the final one cannot either, and its line is printed with the summary
+    write_summary(summary_path, [ItemResult(item, "pending").as_item() for item, _ in pairs], started=started)
     results: dict[int, ItemResult] = {}
     view = BatchView(len(pairs), stages)
     old = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGUSR1)}
@@ -540,8 +529,9 @@ def run_batch(
             results[i] = _finished(handles[h.id][1], h)
     ordered = [results.get(i) or ItemResult(item, "cancelled", error="not run: the batch was stopped")
                for i, (item, _) in enumerate(pairs)]
-    write_summary(summary_path, ordered, started=started, stopped=stopped)
-    view.print_summary(ordered, summary_path)
+    not_written = write_summary(summary_path, [r.as_item() for r in ordered], started=started, ended=summary_clock(),
+                                stopped=stopped)
+    view.print_summary(ordered, summary_path, not_written=not_written)
     if stopped == "SIGINT":
         return EXIT_INTERRUPTED
     if stopped:

@@ -80,11 +80,10 @@ class BatchView:
             self.done += 1
             n = self.done
         if not self.live:
-            times = " ".join(f"{s} {t:.1f}s" if result.decisions.get(s, "").startswith("run") else f"{s} skip"
-                             for s, t in result.timings.items())
-            tail = f"  {result.error}" if result.error and result.status not in ("succeeded", "no objects") else ""
-            print(f"[{n}/{self.total}] {result.status:<10} {result.item.source}  {result.objects} object(s)  {times}{tail}",
-                  flush=True)
+            times = _stage_words(result)
+            error = result.error if result.error and result.status not in ("succeeded", "no objects") else ""
+            parts = [f"{result.status:<10} {result.item.source}", f"{result.objects} object(s)", times, error]
+            print(f"[{n}/{self.total}] " + "  ".join(p for p in parts if p), flush=True)
         self._refresh()
 
     def _refresh(self) -> None:
@@ -96,8 +95,9 @@ class BatchView:
             done = self.done
         self._progress.update(self._task, completed=done, description=f"{counts}  [{flight}]" if flight else counts)
 
-    def print_summary(self, results: Sequence["ItemResult"], summary_path: Path) -> None:
-        """A table of counts, the failed images with their error line, and where the summary file is."""
+    def print_summary(self, results: Sequence["ItemResult"], summary_path: Path, *, not_written: str | None = None) -> None:
+        """A table of counts, the failed images with their error line, and where the summary file is (or
+        ``not_written``: why it could not be written)."""
         from rich.table import Table
 
         counts: dict[str, int] = {}
@@ -113,4 +113,15 @@ class BatchView:
         bad = [r for r in results if r.status not in ("succeeded", "no objects")]
         for r in bad:
             self.out.print(f"{r.status}: {r.item.source}: {r.error}", highlight=False, markup=False)
-        self.out.print(f"summary: {summary_path}", highlight=False, markup=False)
+        self.out.print(f"note: {not_written}" if not_written else f"summary: {summary_path}", highlight=False, markup=False)
+
+
+def _stage_words(result: "ItemResult") -> str:
+    """``segment 0.4s reconstruct 12.0s`` for the stages that ran, ``skip`` for the others; ``up to date`` when
+    every stage was skipped."""
+    ran = {s for s, d in result.decisions.items() if d.startswith("run")}
+    if result.decisions and not ran and result.status in ("succeeded", "no objects"):
+        return "up to date"
+    stages = list(dict.fromkeys([*result.decisions, *result.timings]))
+    return " ".join(f"{s} {result.timings.get(s, 0.0):.1f}s" if s in ran or s not in result.decisions else f"{s} skip"
+                    for s in stages)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipeline.config import STAGE_NAMES, PipelineConfig, load_config
-from pipeline.errors import EXIT_INTERRUPTED, PipelineError, StageFailed, UsageError
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_STAGE_FAILED, PipelineError, StageFailed, UsageError, output_error
 from pipeline.driver.plan import check_stage_names
 
 __all__ = ["main", "build_parser"]
@@ -315,3 +315,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`... | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        return _report_unexpected(exc)
+
+
+def _report_unexpected(exc: Exception) -> int:
+    """An error no code path turned into a :class:`PipelineError`: a write failure the user can fix is reported
+    as one; anything else as one line naming it as a bug of the tool."""
+    known = output_error(exc) if isinstance(exc, OSError) else None
+    if known is not None:
+        _report(known, debug=False)
+        return known.exit_code
+    print(f"error: internal error: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+    print("hint: rerun with --debug for the traceback, and report it with that output", file=sys.stderr)
+    return EXIT_STAGE_FAILED

@@ -20,7 +20,6 @@ its runs at once with the start error. Every child is registered with a
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -41,7 +40,7 @@ from pipeline.driver.runner import ActiveRun, RunOutcome, RunRequest, Runner, St
 from pipeline.driver.sources import SourceIndex, SourcePhoto
 from pipeline.driver.statefiles import driver_file, remove_dead_drivers_files
 from pipeline.driver.workers import JobOutcome, WorkerProcess, load_key
-from pipeline.errors import ConfigError, PipelineError, RunCancelled, StageFailed, UsageError
+from pipeline.errors import ConfigError, PipelineError, RunCancelled, StageFailed, UsageError, output_error
 from pipeline.handoff import LOGS_DIR
 from pipeline.stages.protocol import SINGLE_RUN_VARIABLE, Job
 
@@ -227,8 +226,22 @@ class _Lane:
 
     def _fail_all(self, handles: list[RunHandle], exc: BaseException) -> None:
         for h in handles:
-            if not h.done():
-                self.engine._finish(h, error=_as_pipeline_error(exc, self.stage))
+            self._fail_one(h, exc)
+
+    def _fail_one(self, h: RunHandle, exc: BaseException, outcome: StageOutcome | None = None) -> None:
+        """Fail one run with ``exc``: its stage recorded as failed and its staging folders removed (as far as
+        the disk allows), then finished. A run already finished is left as it is."""
+        if h.done():
+            return
+        error = _as_pipeline_error(exc, self.stage, h.run_dir)
+        if h.active is not None:
+            outcome = outcome or next((o for o in reversed(h.active.outcomes) if o.decision.stage == self.stage), None)
+            if outcome is not None:
+                try:
+                    h.active.fail(outcome, error.message)
+                except OSError:  # run.json cannot be written (a full disk): the run's error says why
+                    pass
+        self.engine._finish(h, error=error)
 
     # ------------------------------------------------------------------ one group of runs
 
@@ -239,19 +252,20 @@ class _Lane:
             if h.cancel_requested:
                 self.engine._finish(h, cancelled=True)
                 continue
-            try:
+            try:  # one run's error (a lock it cannot open, a full disk) is that run's alone
                 if h.active is None:
                     self.engine._start_run(h)
                 outcome = h.active.decide(self.stage)  # type: ignore[union-attr]
-            except PipelineError as exc:
-                self.engine._finish(h, error=exc)
+                if not outcome.decision.runs:
+                    self.engine._mark_running(h)
+                    h.active.skip(outcome)  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - recorded as the run's error
+                self._fail_one(h, exc)
                 continue
             if outcome.decision.runs:
                 ready.append((h, outcome))
                 self.engine._warm_next(h, self.stage)
             else:
-                self.engine._mark_running(h)
-                h.active.skip(outcome)  # type: ignore[union-attr]
                 self.engine._emit(h, "stage_skipped", self.stage, message=f"skip ({outcome.decision.reason})")
                 self.engine._forward(h, self.stage)
         by_key: dict[str, list[tuple[RunHandle, StageOutcome]]] = {}
@@ -280,8 +294,12 @@ class _Lane:
         jobs: list[Job] = []
         by_job: dict[str, tuple[RunHandle, StageOutcome]] = {}
         for h, outcome in group:
-            job = h.active.begin(self.stage, params)  # type: ignore[union-attr]
-            _write_log_header(Path(job.log or ""), worker)
+            try:
+                job = h.active.begin(self.stage, params)  # type: ignore[union-attr]
+                _write_log_header(Path(job.log or ""), worker)
+            except Exception as exc:  # noqa: BLE001 - one run's write failure fails that run only
+                self._fail_one(h, exc, outcome)
+                continue
             jobs.append(job)
             by_job[job.id] = (h, outcome)
             h.stage = self.stage
@@ -306,7 +324,10 @@ class _Lane:
             if result.requeue:
                 requeue.append(h)
                 continue
-            self._record(h, outcome, result, load=worker.load_report() if fresh else None)
+            try:
+                self._record(h, outcome, result, load=worker.load_report() if fresh else None)
+            except Exception as exc:  # noqa: BLE001 - e.g. its run.json cannot be written: that run fails alone
+                self._fail_one(h, exc, outcome)
             fresh = False
         self.put_front(requeue)
 
@@ -698,8 +719,11 @@ class Engine:
                 return
             h._ending = True
         if h.active is not None:
-            if cancelled:  # stages planned but never begun (a begun one records its own end)
-                h.active.drop_planned("cancelled before it started")
+            try:
+                if cancelled:  # stages planned but never begun (a begun one records its own end)
+                    h.active.drop_planned("cancelled before it started")
+            except OSError:  # run.json cannot be written (a full disk): the run still ends, and says so
+                pass
             h.outcome = h.active.result()
             h.active.close()
         else:
@@ -727,8 +751,10 @@ def _write_log_header(path: Path, worker: WorkerProcess) -> None:
     path.write_text("$ " + " ".join(worker.argv) + f"\n# warm worker pid {worker.pid}, job {worker.jobs_done + 1}\n")
 
 
-def _as_pipeline_error(exc: BaseException, stage: str) -> PipelineError:
+def _as_pipeline_error(exc: BaseException, stage: str, run_dir: Path) -> PipelineError:
     if isinstance(exc, PipelineError):
         return exc
+    if isinstance(exc, OSError) and (error := output_error(exc, run_dir)) is not None:
+        return error
     return StageFailed(stage, f"internal error in the engine: {type(exc).__name__}: {exc}",
                        hint="rerun with --debug and report this with the traceback")

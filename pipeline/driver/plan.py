@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from pipeline.atomic import sha256_file
-from pipeline.config import STAGE_NAMES
+from pipeline.config import STAGE_NAMES, preview
 from pipeline.errors import ManifestError, UsageError
 from pipeline.handoff import FileRecord
 
@@ -56,7 +56,7 @@ def check_stage_names(names: Sequence[str], flag: str) -> None:
     """Reject unknown stage names given to ``--force``/``--from`` with a usage error listing the valid ones."""
     for name in names:
         if name not in STAGE_NAMES:
-            raise UsageError(f"{flag} {name!r}: unknown stage", hint=f"stages are: {', '.join(STAGE_NAMES)}")
+            raise UsageError(f"{flag} {preview(name, 40)!r}: unknown stage", hint=f"stages are: {', '.join(STAGE_NAMES)}")
 
 
 def stages_from(stage: str | None) -> set[str]:

@@ -8,7 +8,7 @@ started here: :mod:`pipeline.driver.engine` owns them and drives an :class:`Acti
 
 from __future__ import annotations
 
-import importlib.machinery
+import errno
 import platform
 import shutil
 import sys
@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipeline.atomic import write_json_atomic
-from pipeline.backends import BUILTIN_BACKENDS
-from pipeline.config import PROJECT_ROOT, STAGE_NAMES, PipelineConfig, RequestLimits, preview
-from pipeline.driver.envs import Env, resolve_env
-from pipeline.errors import ConfigError, EnvNotFound, InputError, ManifestError, UsageError
+from pipeline.config import STAGE_NAMES, PipelineConfig, RequestLimits, preview
+from pipeline.driver.envs import resolve_env
+from pipeline.errors import InputError, ManifestError, OutputError, UsageError, output_error
 from pipeline.driver.fingerprint import code_version, fingerprint, section_params
 from pipeline.handoff import (
     LOGS_DIR,
@@ -44,6 +43,7 @@ from pipeline.inputs import load_input
 from pipeline.driver.lock import run_lock
 from pipeline.driver.sources import SourceIndex, SourcePhoto, store_input
 from pipeline.driver.plan import Decision, RecordedOutputs, decide, stages_from
+from pipeline.driver.preflight import check_backend, check_vlm
 from pipeline.stages.protocol import Job
 
 __all__ = ["RunRequest", "StageOutcome", "RunOutcome", "Runner", "ActiveRun", "CONFIG_NAME", "validate_request",
@@ -160,89 +160,6 @@ def validate_request(req: RunRequest, limits: RequestLimits | None = None) -> No
         limits = limits or (req.config.run.limits if req.config is not None else None)
         if limits is not None:
             check_request_text(req.query, req.prompts, limits)
-
-
-def _module_file(module: str, roots: Sequence[Path]) -> Path | None:
-    """The file that would define ``module`` under one of ``roots`` (source, package or extension), found by
-    looking at the file system only: nothing is imported, not even the module's parent packages."""
-    parts = module.split(".")
-    for root in roots:
-        base = root.joinpath(*parts)
-        for candidate in (base.parent / f"{parts[-1]}.py", base / "__init__.py",
-                          *(base.parent / f"{parts[-1]}{ext}" for ext in importlib.machinery.EXTENSION_SUFFIXES)):
-            try:
-                if candidate.is_file():
-                    return candidate
-            except OSError:  # a name too long for the file system cannot be a module either
-                continue
-    return None
-
-
-def _import_roots(env: Env) -> list[Path] | None:
-    """Where the stage worker of ``env`` imports from (the project root first), or None when that cannot be
-    told without running the env's interpreter (no site-packages where expected, or the import hooks of editable
-    installs, ``__editable__*.pth``; other ``import`` lines of .pth files add no folder and are skipped)."""
-    roots = [PROJECT_ROOT]
-    if env.kind == "current":
-        return roots + [Path(p or ".") for p in sys.path]
-    site = sorted(env.prefix.glob("lib/python*/site-packages"))
-    if not site:
-        return None
-    for folder in site:
-        roots.append(folder)
-        for pth in sorted(folder.glob("*.pth")):
-            try:
-                lines = pth.read_text(encoding="utf-8", errors="replace").splitlines()
-            except OSError:
-                continue
-            for line in lines:
-                if line.startswith(("import ", "import\t")):
-                    if pth.name.startswith("__editable__") or "__editable__" in line:
-                        return None
-                    continue
-                if line.strip() and not line.startswith("#"):
-                    path = Path(line.strip())
-                    roots.append(path if path.is_absolute() else folder / path)
-    return roots
-
-
-def check_backend(config: PipelineConfig, stage: str, env: Env) -> None:
-    """ConfigError when a ``package.module:Class`` backend's module cannot be found in the project or on the import
-    path of the stage's env (built-in names always pass). Nothing is imported: the module may need the env."""
-    backend = config.stage(stage).backend
-    if backend in BUILTIN_BACKENDS[stage]:
-        return
-    module = backend.partition(":")[0]
-    roots = _import_roots(env)
-    if roots is None or _module_file(module, roots) is not None:
-        return
-    raise ConfigError(
-        f"{stage} backend {preview(backend)!r}: no module {preview(module)!r} in {PROJECT_ROOT} or on the import path "
-        f"of env '{env.name}'",
-        hint=f"install it into the {env.name} env, or fix {stage}.backend (a built-in name or package.module:Class)",
-    )
-
-
-def _check_vlm(config: PipelineConfig) -> None:
-    """EnvNotFound when query mode would have to start ``vllm serve`` and cannot: no vllm env (or no ``vllm`` in it)
-    and no server already answering at ``vlm.host:vlm.port``."""
-    try:
-        env = resolve_env(config, config.vlm.env)
-    except EnvNotFound as exc:
-        missing = exc
-    else:
-        if (env.bin_dir / "vllm").exists():
-            return
-        missing = EnvNotFound(
-            f"env '{config.vlm.env}' at {env.prefix} has no vllm executable",
-            hint=f"create it with `python -m pipeline envs create {config.vlm.env}`, or set vlm.url to an external server")
-    from pipeline.driver.vlm_server import probe, root_url
-
-    found = probe(root_url(config), key=config.vlm.api_key())
-    if found.healthy and found.serves(config.vlm.served_name):
-        return  # a server started earlier (`vlm serve --detach`) is reused; the env is not needed
-    raise EnvNotFound(f"query mode needs the VLM: {missing.message}",
-                      hint=missing.hint or "set vlm.url to an external server, or use --prompt")
 
 
 class Runner:
@@ -375,7 +292,7 @@ class Runner:
             section = self.config.stage(d.stage)
             check_backend(self.config, d.stage, resolve_env(self.config, section.env))
             if d.stage == "segment" and req.mode == "query" and self.config.vlm.url is None:
-                _check_vlm(self.config)
+                check_vlm(self.config)
             if d.stage == "reconstruct" and "segment" not in req.stages and req.masks_dir is None:
                 if not (req.run_dir / MASKS_DIR / MANIFEST_NAME).exists():
                     raise InputError(
@@ -448,7 +365,10 @@ class Runner:
         self._preflight(req, image_id, photo)
         created = _topmost_missing(req.run_dir)
         stack = ExitStack()
-        stack.enter_context(run_lock(req.run_dir))
+        try:
+            stack.enter_context(run_lock(req.run_dir))
+        except OSError as exc:
+            return self._open_read_only(req, image_id, exc)
         try:
             record = self._open_record(req, photo)
             if req.masks_dir is not None and photo is not None:
@@ -463,6 +383,24 @@ class Runner:
             self.say(f"note: {note}")
         return ActiveRun(self, req, record, image_id, stack)
 
+    def _open_read_only(self, req: RunRequest, image_id: str, exc: OSError) -> "ActiveRun":
+        """A run directory that cannot be written (a read-only mount): when every stage is up to date, a run
+        that only confirms so and writes nothing; otherwise the write error, naming the stage that would run."""
+        error = output_error(exc, req.run_dir)
+        if error is None or exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise error or exc
+        stale = [d.stage for d in self._plan(req, image_id) if d.runs]
+        if stale or req.masks_dir is not None:
+            raise OutputError(f"{req.run_dir} cannot be written ({exc.strerror}) and its "
+                              f"{stale[0] if stale else 'segment'} stage is not up to date", hint=error.hint)
+        try:
+            record = load_manifest(req.run_dir / RUN_RECORD, RunRecord)
+        except ManifestError:
+            record = RunRecord(run_id=req.run_dir.name)
+        self.say(f"note: {req.run_dir} is read-only and up to date: nothing is written")
+        return ActiveRun(self, req, record, image_id, ExitStack(), read_only=True)
+
+
 class ActiveRun:
     """One open run: its lock is held and its ``run.json`` record kept current, stage by stage.
 
@@ -470,8 +408,10 @@ class ActiveRun:
     worker :class:`~pipeline.stages.protocol.Job`), then :meth:`succeed` or :meth:`fail`; finally :meth:`close`.
     """
 
-    def __init__(self, runner: Runner, req: RunRequest, record: RunRecord, image_id: str, lock: ExitStack) -> None:
+    def __init__(self, runner: Runner, req: RunRequest, record: RunRecord, image_id: str, lock: ExitStack,
+                 *, read_only: bool = False) -> None:
         self.runner = runner
+        self.read_only = read_only  # an up-to-date run on a read-only mount: run.json is not rewritten
         self.req = req
         self.record = record
         self.image_id = image_id
@@ -578,7 +518,8 @@ class ActiveRun:
         self._lock.close()
 
     def _save(self) -> None:
-        self.runner._save_record(self.run_dir, self.record)
+        if not self.read_only:
+            self.runner._save_record(self.run_dir, self.record)
 
 
 def _topmost_missing(path: Path) -> Path | None:

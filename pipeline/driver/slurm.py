@@ -119,11 +119,13 @@ def _time_s(value: str) -> int:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def shard_lines(items: Sequence[BatchItem]) -> list[str]:
-    """Batch-list JSONL lines for ``items``: absolute image and run dir, query or prompt, per-line options."""
+def shard_lines(items: Sequence[BatchItem], root: Path) -> list[str]:
+    """Batch-list JSONL lines for ``items``: absolute image, run dir relative to the batch ``root`` (resolved),
+    query or prompt, per-line options."""
     lines = []
     for item in items:
-        row: dict[str, Any] = {"image": str(item.image), "out": str(item.run_dir.resolve())}
+        out = item.run_dir.resolve().relative_to(root)
+        row: dict[str, Any] = {"image": str(item.image), "out": str(out)}
         if item.query is not None:
             row["query"] = item.query
         else:
@@ -209,11 +211,11 @@ def submit_batch(config: PipelineConfig, items: Sequence[BatchItem], *, root: Pa
     scripts = {a.label: script_text(config, a, sub_dir=sub_dir, root=root, shards=len(shards), force=force,
                                     from_stage=from_stage) for a in arrays}
     if dry_run:
-        return _print_dry_run(sub_dir, shards, scripts, arrays)
+        return _print_dry_run(sub_dir, root, shards, scripts, arrays)
     (sub_dir / "logs").mkdir(parents=True)
     write_json_atomic(sub_dir / "config.json", config.model_dump(mode="json"))
     for i, shard in enumerate(shards):
-        text = "\n".join(shard_lines(shard)) + "\n"
+        text = "\n".join(shard_lines(shard, root)) + "\n"
         write_with(sub_dir / f"shard-{i:03d}.jsonl", lambda tmp, t=text: tmp.write_text(t))
     for label, text in scripts.items():
         write_with(sub_dir / f"{label}.sbatch", lambda tmp, t=text: tmp.write_text(t))
@@ -244,11 +246,11 @@ def _sbatch(args: list[str]) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def _print_dry_run(sub_dir: Path, shards: list[list[BatchItem]], scripts: dict[str, str], arrays: list[Array]) -> int:
+def _print_dry_run(sub_dir: Path, root: Path, shards: list[list[BatchItem]], scripts: dict[str, str], arrays: list[Array]) -> int:
     print(f"slurm dry run: nothing submitted; files would go to {sub_dir}")
     for i, shard in enumerate(shards):
         print(f"--- {sub_dir}/shard-{i:03d}.jsonl ({len(shard)} image(s))")
-        print("\n".join(shard_lines(shard)))
+        print("\n".join(shard_lines(shard, root)))
     for n, array in enumerate(arrays):
         how = "" if n == 0 else f" (sbatch --dependency=aftercorr:<{arrays[n - 1].label} job id> --kill-on-invalid-dep=yes)"
         print(f"--- {sub_dir}/{array.label}.sbatch{how}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline.handoff import LOGS_DIR
 
-__all__ = ["KEEP_LOGS_S", "driver_file", "remove_dead_drivers_files"]
+__all__ = ["KEEP_LOGS_S", "alive", "driver_file", "remove_dead_drivers_files"]
 
 KEEP_LOGS_S = 24 * 3600.0
 KEEP_LEGACY_S = 7 * 24 * 3600.0
@@ -38,7 +38,8 @@ def driver_file(state_dir: Path, kind: str, suffix: str, *, log: bool = False) -
     return folder / f"{kind}-{_host()}-{os.getpid()}{suffix}"
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Is process ``pid`` of this host alive (someone else's counts as alive)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -61,7 +62,7 @@ def remove_dead_drivers_files(state_dir: Path, *, now: float | None = None) -> l
         except OSError:
             continue
         match = _NAME.match(path.name)
-        if match and match["host"] == host and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"])):
+        if match and match["host"] == host and int(match["pid"]) != os.getpid() and not alive(int(match["pid"])):
             stale = path.suffix == ".json" or age > KEEP_LOGS_S
         else:
             stale = bool(_LEGACY.match(path.name)) and age > KEEP_LEGACY_S
