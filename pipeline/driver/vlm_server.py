@@ -24,7 +24,6 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import shlex
 import socket
 import time
