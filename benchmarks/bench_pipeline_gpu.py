@@ -19,6 +19,10 @@ Masks: SAM3's random-weight masks are noise, so by default the segment backend i
 ``benchmarks.gpu_kit.fixed_masks:Sam3FixedMasks``: the real SAM3 runs, but the 3D stage gets the photos' coloured
 shapes as masks (``--sam3-masks`` keeps SAM3's own). Every section is written to ``--out`` as soon as it ends.
 
+``--hold-gib N`` starts a process that holds N GiB of the GPU for the whole run, before the baseline is taken:
+it stands in for the vLLM server's share (``vlm.gpu_memory_utilization`` × the GPU's memory, which vLLM reserves
+at start), so that a run on an 80 GB card shows whether both stages still fit beside it.
+
 On the GPU machine (after ``benchmarks/gpu_kit/run.sh`` has set the paths up; run.sh calls this)::
 
     python3 benchmarks/bench_pipeline_gpu.py --kit .gpu-kit --out $OUT [--presets quality,fast,preview]
@@ -38,6 +42,7 @@ import platform
 import shutil
 import socket
 import statistics
+import signal
 import subprocess
 import sys
 import threading
@@ -497,12 +502,18 @@ def _med(vals: list[Any]) -> str:
     return f"{statistics.median(vals):.2f} ({min(vals):.2f}–{max(vals):.2f})"
 
 
+def _held(res: dict[str, Any]) -> str:
+    gib = res.get("held_gib") or 0.0
+    return f", of which {gib:g} GiB held all run by a process standing in for vLLM's share" if gib else ""
+
+
 def to_markdown(res: dict[str, Any]) -> str:
     sec = res["sections"]
     m = res.get("machine", {})
     lines = [f"# Both stages through the engine on one GPU — {m.get('gpu', '?')}, {res.get('date')}", "",
              f"Host: {m.get('cpu', '?')}; Python {m.get('python')}, torch {m.get('torch')}; GPU memory sampled by "
-             f"{res.get('sampler', '?')} (baseline {_gib(res.get('baseline_mib'))} GiB used before the first part). "
+             f"{res.get('sampler', '?')} (baseline {_gib(res.get('baseline_mib'))} GiB used before the first part"
+             f"{_held(res)}). "
              f"Segment backend `{res.get('segment_backend')}`; photos: {res.get('photos_desc')}; prompt `{PROMPT}`.", ""]
     if res.get("fixed_masks_s"):
         lines += [f"Fixed masks: finding the shapes adds {_med(res['fixed_masks_s'])} s per photo to the segment job's "
@@ -596,6 +607,10 @@ def verdict(res: dict[str, Any]) -> list[str]:
         used = (together - res["baseline_mib"]) / 1024
         lines.append(f"- together: budget.py {res['budget']['sum_gib']} GiB vs measured {used:.1f} GiB "
                      f"(GPU used, peak − baseline): {'holds' if used <= res['budget']['sum_gib'] else '**too low**'}")
+    if together and res.get("held_gib") and res.get("total_mib"):
+        failed = sum(v.get("failed", 0) for v in res["sections"].values() if isinstance(v, dict))
+        lines.append(f"- beside {res['held_gib']:g} GiB held for vLLM: GPU used at most {together / 1024:.1f} of "
+                     f"{res['total_mib'] / 1024:.1f} GiB; {failed} image(s) failed" + (f"; errors: {len(res['errors'])}" if res["errors"] else ""))
     return lines
 
 
@@ -640,6 +655,21 @@ def pack_logs(work: Path, dest: Path, limit: int = 12 * 2**20) -> None:
             tar.add(path, arcname=str(path.relative_to(work)))
 
 
+def hold_gpu_memory(gib: float) -> subprocess.Popen[str]:
+    """A child (own process group) holding ``gib`` GiB of GPU 0 until it is killed; returns once it holds it."""
+    code = ("import sys, time, torch\n"
+            "x = torch.empty(int(float(sys.argv[1]) * 2**30), dtype=torch.uint8, device='cuda')\n"
+            "print('held', flush=True)\n"
+            "time.sleep(10**6)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(gib)], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    line = child.stdout.readline() if child.stdout else ""
+    if line.strip() != "held":
+        child.kill()
+        raise SystemExit(f"--hold-gib {gib}: the holding process could not allocate it (exit {child.wait()})")
+    return child
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "host": platform.node()}
     try:
@@ -677,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sam3-masks", action="store_true", help="keep SAM3's own (random-weight) masks")
     ap.add_argument("--dry-run-cpu", action="store_true", help="no model: fixed masks and the cube double on CPU")
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    ap.add_argument("--hold-gib", type=float, default=0.0, help="hold this much GPU memory all run (vLLM's share)")
     ap.add_argument("--render", type=Path, help="only re-render a pipeline-gpu.json as Markdown into --out")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -687,8 +718,19 @@ def main(argv: list[str] | None = None) -> int:
     args.work = args.work.resolve()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
+    holder = hold_gpu_memory(args.hold_gib) if args.hold_gib > 0 else None
+    try:
+        return _run(args)
+    finally:
+        if holder is not None:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait()
+
+
+def _run(args: argparse.Namespace) -> int:
     b = Bench(args)
     res = b.res
+    res["held_gib"] = args.hold_gib
     res.update({"date": date.today().isoformat(), "machine": machine(), "argv": sys.argv[1:], "sampler": b.sampler.source,
                 "baseline_mib": b.sampler.baseline_mib, "total_mib": b.sampler.total_mib})
     config = write_config(args)

@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         (staging / "kit.json").write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         if kit.exists():
-            keep = kit / "triton-cache.tgz"  # a cache brought back from a GPU run survives a rebuild
-            if keep.is_file():
+            # a cache brought back from a GPU run (one .tgz or its 15 MiB parts) survives a rebuild
+            for keep in [*kit.glob("triton-cache.tgz"), *kit.glob("triton-cache.tgz.[0-9][0-9]")]:
                 shutil.move(str(keep), staging / keep.name)
             shutil.rmtree(kit)
         staging.rename(kit)

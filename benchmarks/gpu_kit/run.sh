@@ -49,8 +49,12 @@ export SAM3D_DINOV2_HUB="$kit/site/dinov2_hub" LIDRA_SKIP_INIT=true
 # 2. Triton cache (spconv-triton's kernels: ~270 s of compilation on first use without it)
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$kit/triton-cache}
 mkdir -p "$TRITON_CACHE_DIR"
-if [ -z "$(ls -A "$TRITON_CACHE_DIR")" ] && [ -f "$kit/triton-cache.tgz" ]; then
-  tar -xzf "$kit/triton-cache.tgz" -C "$TRITON_CACHE_DIR" && echo "triton cache restored from $kit/triton-cache.tgz"
+if [ -z "$(ls -A "$TRITON_CACHE_DIR")" ]; then  # one .tgz, or its parts (.tgz.00, .01, ...) as they came back
+  if [ -f "$kit/triton-cache.tgz" ]; then
+    tar -xzf "$kit/triton-cache.tgz" -C "$TRITON_CACHE_DIR" && echo "triton cache restored from $kit/triton-cache.tgz"
+  elif compgen -G "$kit/triton-cache.tgz.[0-9][0-9]" > /dev/null; then
+    cat "$kit"/triton-cache.tgz.[0-9][0-9] | tar -xz -C "$TRITON_CACHE_DIR" && echo "triton cache restored from $kit/triton-cache.tgz.NN"
+  fi
 fi
 before=$(find "$TRITON_CACHE_DIR" -type f | wc -l)
 echo "triton cache $TRITON_CACHE_DIR: $before files before the run" | tee -a "$OUT/env.txt"
@@ -80,9 +84,9 @@ after=$(find "$TRITON_CACHE_DIR" -type f | wc -l)
 tar -czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
 size=$(stat -c %s "$OUT/triton-cache.tgz" 2>/dev/null || echo 0)
 echo "triton cache: $before -> $after files, $OUT/triton-cache.tgz $((size / 1048576)) MiB" | tee -a "$OUT/env.txt"
-if [ "$size" -gt $((16 * 1048576)) ]; then
-  echo "triton-cache.tgz is over the 16 MiB a file may be to come back: kept on this machine only" | tee -a "$OUT/env.txt"
-  rm -f "$OUT/triton-cache.tgz"
+if [ "$size" -gt $((15 * 1048576)) ]; then  # a returned file may be 16 MiB at most: parts of 15 MiB
+  split -b 15M -d -a 2 "$OUT/triton-cache.tgz" "$OUT/triton-cache.tgz." && rm -f "$OUT/triton-cache.tgz"
+  echo "triton cache split into $(ls "$OUT"/triton-cache.tgz.* | wc -l) parts of at most 15 MiB" | tee -a "$OUT/env.txt"
 fi
 echo "total: $(( $(date +%s) - t0 )) s, exit $rc" | tee -a "$OUT/env.txt"
 exit "$rc"
