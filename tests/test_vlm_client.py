@@ -124,16 +124,38 @@ def test_encode_image_is_clean_base64_and_keeps_aspect():
     assert url.startswith("data:image/jpeg;base64,") and "\n" not in url and " " not in url
 
 
-@pytest.mark.parametrize("body, needle", [
-    (b"not json", "JSON decode error"),
-    (b'{"model": "test-model"}', "Field required: messages"),
-    (b'{"model": "test-model", "messages": [{"content": "hi"}]}', "needs a role"),
-    (b'{"model": "test-model", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}', "positive integer"),
-])
-def test_the_test_server_rejects_what_vllm_rejects(server, body, needle):
+def _vllm_verdicts() -> list[dict]:
+    from tests.doubles.vllm_server import SCHEMA_PATH
+
+    path = SCHEMA_PATH.with_name(SCHEMA_PATH.name.replace("request.schema", "verdicts"))
+    return json.loads(path.read_text())["probes"]
+
+
+def test_the_test_server_accepts_and_rejects_exactly_what_vllm_does(server):
+    """Each probe's verdict was taken from vLLM's own ChatCompletionRequest (make_vllm_schema.py)."""
     import httpx
 
-    res = httpx.post(server.url + "/chat/completions", content=body, headers={"Content-Type": "application/json"}, timeout=10)
+    probes = _vllm_verdicts()
+    assert any(p["accepted"] for p in probes) and not all(p["accepted"] for p in probes)
+    for probe in probes:
+        body = probe["body"]
+        if isinstance(body, dict) and "model" in body:
+            body = {**body, "model": "no-such-model"}  # accepted bodies stop at the model check (404), not the script
+        res = httpx.post(server.url + "/chat/completions", json=body, timeout=10)
+        assert res.status_code == (404 if probe["accepted"] else 400), (probe, res.text)
+
+
+@pytest.mark.parametrize("body, content_type, needle, param", [
+    (b"not json", "application/json", "JSON decode error", "body.0"),
+    (b'{"model": "test-model"}', "application/json", "'messages' is a required property", "body"),
+    (b'{"model": "test-model", "messages": [{"content": "hi"}]}', "application/json; charset=utf-8", "not valid", "body.messages.0"),
+    (b'{"model": "test-model", "messages": "hi"}', "text/plain", "Unsupported Media Type", None),
+])
+def test_the_test_server_answers_bad_requests_in_vllms_shape(server, body, content_type, needle, param):
+    import httpx
+
+    res = httpx.post(server.url + "/chat/completions", content=body, headers={"Content-Type": content_type}, timeout=10)
     assert res.status_code == 400
     error = res.json()["error"]
-    assert needle in error["message"] and error["type"] == "BadRequestError" and error["code"] == 400
+    assert error["message"].startswith("1 validation error:\n  ") and needle in error["message"]
+    assert (error["type"], error["code"], error["param"]) == ("Bad Request", 400, param)

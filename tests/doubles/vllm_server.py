@@ -14,7 +14,12 @@ vLLM does.
 Behaviour copied from vLLM on purpose: the port is bound at once but listened on only after startup (the
 delay), so clients are refused meanwhile while the port is taken; a busy port makes it exit non-zero at once, data URLs are decoded strictly
 (``base64.b64decode(validate=True)``; a bad one is HTTP 400 "Non-base64 digit found"), an unknown model name
-is HTTP 404, and ``/health`` and ``/v1/models`` exist.
+is HTTP 404, and ``/health`` and ``/v1/models`` exist. Request bodies are validated against vLLM's own
+``ChatCompletionRequest`` schema (``fixtures/vllm-<SCHEMA_VERSION>-chat-completion-request.schema.json``, written
+by ``make_vllm_schema.py``); a rejected body, a body that is not JSON and a media type other than JSON are HTTP
+400 in the shape of vLLM's validation handler. Two differences remain: vLLM's pydantic model coerces some values
+a JSON schema cannot ("yes" for true, "5" for 5), which the double refuses, and checks that run after the model
+(for example the chat template's) are not made.
 
 Script entries (all keys optional)::
 
@@ -35,6 +40,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import functools
 import io
 import json
 import os
@@ -90,26 +96,51 @@ def _summarise_request(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+SCHEMA_VERSION = "0.33.0"  # the vLLM that envs/vllm.yml pins
+SCHEMA_PATH = Path(__file__).parent / "fixtures" / f"vllm-{SCHEMA_VERSION}-chat-completion-request.schema.json"
+_MAX_REPORTED_ERRORS = 10  # vLLM's validation handler reports at most 10 entries, each cut to 1000 characters
+_MAX_ERROR_CHARS = 1000
 
 
-def _invalid(body: Any) -> str | None:
-    """What vLLM's ChatCompletionRequest would reject in ``body`` (the fields our agent sends), or None."""
-    if not isinstance(body, dict):
-        return "Input should be a valid dictionary or object to extract fields from"
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return "Field required: messages" if messages is None else "messages: Input should be a non-empty list"
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in _ROLES:
-            return f"messages.{i}: a message needs a role among {', '.join(sorted(_ROLES))}"
-    for key in ("max_tokens", "max_completion_tokens"):
-        if key in body and body[key] is not None and (not isinstance(body[key], int) or body[key] < 1):
-            return f"{key}: Input should be a positive integer"
-    for key in ("temperature", "top_p"):
-        if key in body and not isinstance(body[key], (int, float)):
-            return f"{key}: Input should be a valid number"
-    return None
+@functools.lru_cache(maxsize=1)
+def _request_validator() -> Any:
+    """A validator for vLLM's ChatCompletionRequest JSON schema (the committed fixture, see make_vllm_schema.py)."""
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _schema_errors(body: Any) -> list[dict[str, Any]]:
+    """What vLLM's request model rejects in ``body``, as pydantic-like entries (type, loc, msg), path order."""
+    errors = sorted(_request_validator().iter_errors(body), key=lambda e: [str(p) for p in e.absolute_path])
+    return [{"type": e.validator, "loc": ("body", *e.absolute_path), "msg": e.message[:200]} for e in errors]
+
+
+def _validation_error(entries: list[Any]) -> Any:
+    """HTTP 400 shaped like vLLM's RequestValidationError handler: "N validation errors:" then one entry a line,
+    ``param`` the first entry's dotted location, ``type`` "Bad Request"."""
+    label = "error" if len(entries) == 1 else "errors"
+    lines = [f"  {str(e)[:_MAX_ERROR_CHARS]}" for e in entries[:_MAX_REPORTED_ERRORS]]
+    if len(entries) > _MAX_REPORTED_ERRORS:
+        lines.append(f"  ...and {len(entries) - _MAX_REPORTED_ERRORS} more {label}")
+    first = entries[0]
+    param = ".".join(str(p) for p in first["loc"]) if isinstance(first, dict) else None
+    return _error(400, "\n".join([f"{len(entries)} validation {label}:", *lines]), "Bad Request", param)
+
+
+def _body_problem(content_type: str, raw: bytes) -> tuple[Any, Any]:
+    """(body, None) for a body vLLM would hand to its handler, else (None, the 400 response vLLM gives)."""
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        return None, _validation_error(["Unsupported Media Type: Only 'application/json' is allowed"])
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        pos = getattr(exc, "pos", 0)
+        entry = {"type": "json_invalid", "loc": ("body", pos), "msg": "JSON decode error", "ctx": {"error": str(exc)}}
+        return None, _validation_error([entry])
+    errors = _schema_errors(body)
+    return (None, _validation_error(errors)) if errors else (body, None)
 
 
 def _completion(entry: dict[str, Any], model: str, prompt_tokens: int) -> dict[str, Any]:
@@ -144,12 +175,13 @@ def _completion(entry: dict[str, Any], model: str, prompt_tokens: int) -> dict[s
     }
 
 
-def _error(status: int, message: str, kind: str) -> Any:
+def _error(status: int, message: str, kind: str, param: str | None = None) -> Any:
+    """vLLM's ErrorResponse: ``{"error": {"message", "type", "param", "code"}}``."""
     from fastapi.responses import JSONResponse
 
     return JSONResponse(
         status_code=status,
-        content={"error": {"message": message, "type": kind, "param": None, "code": status}},
+        content={"error": {"message": message, "type": kind, "param": param, "code": status}},
     )
 
 
@@ -183,13 +215,9 @@ def build_app(served_name: str, model: str, script: list[dict[str, Any]], api_ke
     async def chat(request: Request) -> Any:
         if not authorised(request):
             return _error(401, "Unauthorized", "Unauthorized")
-        try:
-            body = json.loads(await request.body())
-        except ValueError as exc:  # vLLM: a body its request model cannot parse is 400, not 404 or 422
-            return _error(400, f"JSON decode error: {exc}", "BadRequestError")
-        problem = _invalid(body)
-        if problem:
-            return _error(400, problem, "BadRequestError")
+        body, problem = _body_problem(request.headers.get("content-type", ""), await request.body())
+        if problem is not None:  # vLLM: media type, JSON and request-model errors are 400, never 404 or 422
+            return problem
         if body.get("model") != served_name:
             return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
         try:
