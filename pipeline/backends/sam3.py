@@ -146,7 +146,11 @@ class Sam3Segmenter(Segmenter):
         import sys
 
         try:
-            return self._capture_graphs()
+            graphs = self._capture_graphs()
+            # the capture's eager warm-ups leave ~4-8 GiB of cached blocks outside the graphs' pool: give them
+            # back, so that a stage sharing the GPU (SAM 3D Objects, vLLM) can have them
+            self._torch.cuda.empty_cache()
+            return graphs
         except self._torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager path
